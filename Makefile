@@ -1,0 +1,38 @@
+# Set-up and entry points. Everything installs into a local virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of PyTorch; override e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" for CUDA.
+TORCH ?= torch==2.13.0
+DEMO_DIR ?= demo
+SHARED_VIDEO ?= ../shared/data/videos/woman-running.mp4
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the test suite (fast tests; CI runs this).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+## Every test, slow ones included.
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## The main job: a real video through every video stage on the embedded tiny model.
+demo: $(STAMP)
+	VFX=$(BIN)/vfx DEMO_DIR=$(DEMO_DIR) SHARED_VIDEO=$(SHARED_VIDEO) bash examples/demo.sh
+
+bench: $(STAMP)
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,3 @@
+"""vfx: diffusion-based video editing and subject personalization as resumable stages."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from vfx.cli import main
+
+main()

@@ -1,0 +1,42 @@
+"""The `vfx` command line: a Typer app; one small module per group of commands."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from vfx import log
+from vfx.cli.common import DEBUG
+
+app = typer.Typer(
+    name="vfx",
+    help="Diffusion video editing (TokenFlow) and subject personalization (DreamBooth), as resumable stages "
+    "over a project directory. Start with `vfx init DIR --video FILE`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        import vfx
+
+        log.out.print(vfx.__version__)
+        raise typer.Exit(0)
+    DEBUG["on"] = DEBUG["on"] or debug
+    log.set_quiet(quiet)
+
+
+from vfx.cli import project_cmds, video_cmds  # noqa: E402,F401  (registers the commands)
+
+
+def main() -> None:
+    app()

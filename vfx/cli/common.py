@@ -1,0 +1,112 @@
+"""Shared CLI plumbing: option types, error reporting, result printing."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import click
+import typer
+
+from vfx import log
+from vfx.errors import EXIT_FAILURE, EXIT_TEMPFAIL, TransientError, VfxError
+
+DEBUG = {"on": bool(os.environ.get("VFX_DEBUG"))}
+
+ProjectDir = Annotated[Path, typer.Argument(help="Project directory (created by `vfx init`).", show_default=False)]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Model: 'tiny' (embedded), 'tiny-v', a diffusers folder, a .safetensors file or a cached Hub id. "
+        "Default: the project's vfx.toml.",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps. Default: vfx.toml (auto).", show_default=False)
+]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option("--dtype", help="fp32 | fp16 | bf16. Default: fp32 on CPU, fp16 on GPU (the VAE always runs fp32).", show_default=False),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when the stage is up to date.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of text.")]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="K/N: run only shard K of N (chunks split into N contiguous blocks). "
+        "Default: SLURM_ARRAY_TASK_ID/COUNT when set, else the whole stage.",
+        show_default=False,
+    ),
+]
+AllowPickleOpt = Annotated[
+    bool, typer.Option("--allow-pickle", help="Allow loading .ckpt/.pt checkpoints (unpickling can run code).")
+]
+ModelConfigOpt = Annotated[
+    str | None,
+    typer.Option("--model-config", help="For a single-file checkpoint: a diffusers folder or cached Hub id with its configs.", show_default=False),
+]
+
+
+def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
+    """Register a command whose user errors print one line and exit with their code."""
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def wrapper(*args, **kw):
+            try:
+                return func(*args, **kw)
+            except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                raise
+            except VfxError as exc:
+                if DEBUG["on"]:
+                    traceback.print_exc()
+                log.error(str(exc))
+                raise typer.Exit(exc.exit_code) from None
+            except KeyboardInterrupt:
+                log.error("interrupted; rerun the same command to resume")
+                raise typer.Exit(130) from None
+            except MemoryError:
+                log.error("out of memory; lower --batch-size or the frame size, then rerun to resume")
+                raise typer.Exit(EXIT_TEMPFAIL) from None
+            except OSError as exc:
+                if DEBUG["on"]:
+                    traceback.print_exc()
+                code = EXIT_TEMPFAIL if exc.errno in {28, 122} else EXIT_FAILURE  # ENOSPC, EDQUOT
+                log.error(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+                raise typer.Exit(code) from None
+            except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+                if _is_oom(exc):
+                    log.error("out of device memory; lower --batch-size or the frame size, then rerun to resume")
+                    raise typer.Exit(EXIT_TEMPFAIL) from None
+                if DEBUG["on"]:
+                    traceback.print_exc()
+                log.error(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+                raise typer.Exit(EXIT_FAILURE) from None
+
+        app.command(name, **kwargs)(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def _is_oom(exc: Exception) -> bool:
+    return "out of memory" in str(exc).lower() and type(exc).__name__ in {"OutOfMemoryError", "RuntimeError"}
+
+
+def emit(result: dict[str, Any], as_json: bool, text: str | None = None) -> None:
+    """Print a command's result on stdout: one JSON document, or a line of text."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    elif text:
+        log.out.print(text)
+
+
+__all__ = ["command", "emit", "TransientError"]

@@ -1,0 +1,112 @@
+"""The video stages: extract, encode, decode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vfx.cli import app
+from vfx.cli.common import (
+    AllowPickleOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelConfigOpt, ModelOpt, ProjectDir, ShardOpt, command, emit,
+)
+from vfx.errors import BadInput
+
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Frames per VAE call.")]
+
+
+def settings_for(root, model=None, device=None, dtype=None, shard=None, force=False, allow_pickle=False, model_config=None):
+    from vfx.stages.common import Settings
+
+    return Settings.resolve(root, model, device, dtype, shard, force, allow_pickle, model_config)
+
+
+def report(result: dict, as_json: bool) -> None:
+    state = result.get("state")
+    if result.get("up_to_date"):
+        text = f"{result['stage']}: up to date"
+    elif state == "complete":
+        text = f"{result['stage']}: complete ({result.get('computed_units', 0)} chunks computed here)"
+    else:
+        text = (f"{result['stage']}: shard {result.get('shard')} done; {result.get('done_units')}/{result.get('units')} "
+                "chunks complete overall")
+    emit(result, as_json, text)
+
+
+@command(app, "extract")
+def extract_cmd(
+    root: ProjectDir,
+    video: Annotated[Path | None, typer.Option(help="Video file (any container PyAV opens) or image folder. Default: vfx.toml's video.", show_default=False)] = None,
+    size: Annotated[str | None, typer.Option(help="Output WxH, multiples of 8: scale to cover, then centre-crop. Default: vfx.toml (512x512).", show_default=False)] = None,
+    short_side: Annotated[int | None, typer.Option(help="Instead of --size: scale the short side to this, crop each side to a multiple of 8.", show_default=False)] = None,
+    start: Annotated[str | None, typer.Option(help="First frame: an index (30) or seconds (1.5s).", show_default=False)] = None,
+    end: Annotated[str | None, typer.Option(help="Stop before this frame index or time (2.5s).", show_default=False)] = None,
+    stride: Annotated[int, typer.Option(help="Keep every Nth frame.")] = 1,
+    fps: Annotated[float | None, typer.Option(help="Resample to this frame rate (instead of --stride).", show_default=False)] = None,
+    max_frames: Annotated[int | None, typer.Option(help="Keep at most N frames (0: all). Default: vfx.toml.", show_default=False)] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Decode a video or image folder into frames/ (uint8 RGB, Zarr), recording fps, size and audio."""
+    from vfx.media import Selection, parse_position, parse_size
+    from vfx.project import Project
+    from vfx.stages.extract import extract
+
+    project = Project.open(root)
+    source = video or (Path(project.config["video"]) if project.config.get("video") else None)
+    if source is None:
+        raise BadInput("no video given: pass --video FILE (or set video in vfx.toml)")
+    if size is not None and short_side is not None:
+        raise BadInput("--size and --short-side cannot be combined; pick one")
+    parsed_size = None if short_side is not None else parse_size(project.get("size", size))
+    selection = Selection(parse_position(start), parse_position(end), stride, fps, int(project.get("max_frames", max_frames)))
+    result = extract(project, source, parsed_size, short_side, selection, int(project.config["chunk_frames"]), force)
+    emit(result, as_json, None if result.get("up_to_date") else f"extract: {result['frames']} frames {result['width']}x{result['height']} @ {result['fps_float']:.3g} fps")
+    if result.get("up_to_date") and not as_json:
+        emit(result, False, "extract: up to date")
+
+
+@command(app, "encode")
+def encode_cmd(
+    root: ProjectDir,
+    batch_size: BatchOpt = 4,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode frames/ into latents/: the VAE posterior mean x scaling factor, [N, 4, H/8, W/8]."""
+    from vfx.stages.encode import encode
+
+    settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
+    report(encode(settings, batch_size), as_json)
+
+
+@command(app, "decode")
+def decode_cmd(
+    root: ProjectDir,
+    edit: Annotated[str | None, typer.Option(help="Decode edits/NAME; without it, the source latents.", show_default=False)] = None,
+    png: Annotated[bool, typer.Option("--png", help="Also write every frame as a PNG.")] = False,
+    batch_size: BatchOpt = 4,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Decode latents (the source's, or an edit's) into decoded/NAME/: frames (Zarr) and an H.264 video at the source fps."""
+    from vfx.stages.decode import decode
+
+    settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
+    result = decode(settings, edit, batch_size, png)
+    report(result, as_json)
+    if result.get("video") and result.get("state") == "complete" and not as_json:
+        emit(result, False, f"video: {result['video']}")

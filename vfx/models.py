@@ -1,0 +1,278 @@
+"""Loading Stable Diffusion pipelines, and the embedded tiny SD-shaped default model.
+
+`tiny` is SD 1.x-shaped (epsilon prediction, 4 heads, conv projections); `tiny-v` is SD 2.x-shaped
+(v-prediction, linear projections, per-block head counts). Both are built deterministically from
+a fixed seed, cached, and exercise the same code paths as the real checkpoints at toy cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# Library chatter (progress bars, optional-dependency notices) would drown our own stderr.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+
+from vfx import log  # noqa: E402
+from vfx.errors import BadInput
+from vfx.fsutil import file_lock
+
+TINY_VERSION = 1
+TINY_NAMES = ("tiny", "tiny-v")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VFX_CACHE_DIR", Path.home() / ".cache" / "vfx"))
+
+
+# ---------------------------------------------------------------- the tiny model
+
+
+def build_tiny(folder: Path, variant: str = "tiny") -> Path:
+    """Build the tiny pipeline into `folder` (deterministic: the same bytes every time)."""
+    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from vfx.tokenizer import write_tokenizer_files
+
+    sd2 = variant == "tiny-v"
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_size = write_tokenizer_files(Path(scratch))
+        tokenizer = CLIPTokenizer(
+            str(Path(scratch) / "vocab.json"),
+            str(Path(scratch) / "merges.txt"),
+            pad_token="!" if sd2 else "<|endoftext|>",
+            model_max_length=77,
+        )
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(text_config)
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 8, 8) if sd2 else 4,
+        use_linear_projection=sd2,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    torch.manual_seed(3)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    controlnet.save_pretrained(folder / "controlnet")
+    (folder / "VFX_TINY_MODEL").write_text(f"{variant} {TINY_VERSION}\n")
+    return folder
+
+
+def tiny_model_dir(variant: str = "tiny") -> Path:
+    """The cached tiny model, built on first use (safe when several processes start at once)."""
+    target = cache_dir() / f"{variant}-v{TINY_VERSION}"
+    if (target / "VFX_TINY_MODEL").is_file():
+        return target
+    with file_lock(cache_dir() / f".{variant}.lock"):
+        if not (target / "VFX_TINY_MODEL").is_file():
+            scratch = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{variant}-"))
+            try:
+                build_tiny(scratch, variant)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(scratch, target)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclass
+class ModelRef:
+    """What `--model` resolved to: a kind, a location and a stable identity for fingerprints."""
+
+    spec: str
+    kind: str  # tiny | folder | single-file | hub
+    location: str
+    identity: str
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.kind == "tiny"
+
+
+def _hash_folder_configs(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in {".json", ".txt"}:
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+        elif path.is_file() and path.suffix in {".safetensors", ".bin"}:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        if size > 2 << 20:
+            handle.seek(-(1 << 20), os.SEEK_END)
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def resolve_model(spec: str | None, allow_pickle: bool = False) -> ModelRef:
+    """Turn `--model` into a ModelRef, or a clear error. Nothing is downloaded."""
+    spec = (spec or "tiny").strip()
+    if spec in TINY_NAMES:
+        return ModelRef(spec, "tiny", spec, f"{spec}@{TINY_VERSION}")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise BadInput(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        return ModelRef(spec, "folder", str(path.resolve()), f"folder:{_hash_folder_configs(path)}")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return ModelRef(spec, "single-file", str(path.resolve()), f"file:{_hash_file(path)}")
+        if path.suffix in {".ckpt", ".pt", ".pth", ".bin"}:
+            if not allow_pickle:
+                raise BadInput(
+                    f"{path.name} is a pickle checkpoint, which can run code when loaded; "
+                    "convert it to .safetensors, or pass --allow-pickle if you trust it"
+                )
+            return ModelRef(spec, "single-file", str(path.resolve()), f"file:{_hash_file(path)}")
+        raise BadInput(f"{path} is not a model: expected a diffusers folder or a .safetensors file")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = snapshot_download(spec, local_files_only=True)
+        except Exception:
+            raise BadInput(
+                f"model {spec!r} is not in the local Hugging Face cache and downloads are off here; "
+                "download it where you have network, or pass a local folder"
+            ) from None
+        return ModelRef(spec, "hub", local, f"hub:{spec}:{Path(local).name}")
+    raise BadInput(f"unknown model {spec!r}: use 'tiny', a diffusers folder, a .safetensors file or a cached Hub id")
+
+
+_warned_tiny = False
+
+
+def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model_config: str | None = None):
+    """A StableDiffusionPipeline on `device`; the VAE stays fp32 (fp16 VAEs are known to overflow)."""
+    from diffusers import StableDiffusionPipeline
+
+    global _warned_tiny
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    if ref.is_tiny:
+        if not _warned_tiny:
+            log.note("using the embedded tiny model: its outputs are not meaningful images")
+            _warned_tiny = True
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir(ref.location), local_files_only=True)
+    elif ref.kind in {"folder", "hub"}:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            ref.location, local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
+    else:
+        kwargs = {"local_files_only": True}
+        if model_config:
+            kwargs["config"] = model_config
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(ref.location, **kwargs)
+        except Exception as exc:
+            raise BadInput(
+                f"could not load single-file checkpoint {Path(ref.location).name}: {exc}. "
+                "Pass --model-config with a diffusers folder or cached Hub id describing its architecture"
+            ) from None
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    pipe.unet.to(dtype)
+    pipe.text_encoder.to(dtype)
+    pipe.vae.to(torch.float32)
+    return pipe
+
+
+def controlnet_dir(ref: ModelRef) -> Path | None:
+    """The ControlNet bundled with the tiny model (real models take --control-model)."""
+    if ref.is_tiny:
+        return tiny_model_dir(ref.location) / "controlnet"
+    return None
+
+
+def scheduler_info(pipe) -> dict:
+    config = pipe.scheduler.config
+    return {
+        "prediction_type": config.get("prediction_type", "epsilon"),
+        "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+        "scaling_factor": float(pipe.vae.config.get("scaling_factor", 0.18215)),
+    }
+
+
+def describe_tiny(folder: Path) -> dict:
+    return json.loads((folder / "unet" / "config.json").read_text())

@@ -1,0 +1,245 @@
+"""The stage contract (DESIGN section 3): fingerprints, records, chunk completion, shards.
+
+A stage folder holds `stage.json` (the record) and `.done/<unit>.json` markers. A unit of work is
+one chunk of frames (or one image); its marker is written only after its data is fully written,
+so a crash at any point leaves unfinished units without markers, and a rerun recomputes only
+those. Shards own disjoint sets of units, so concurrent processes never write the same chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+import vfx
+from vfx.errors import BadInput, MissingStage
+from vfx.fsutil import atomic_write_json, file_lock, read_json
+
+RECORD = "stage.json"
+DONE_DIR = ".done"
+LOCK = ".lock"
+SCHEMA = 1  # artifact layout version; part of every fingerprint
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable hash of JSON-able data (sorted keys, no whitespace)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- shards
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, spec: str | None, env: dict[str, str] | None = None) -> "Shard":
+        """`K/N` from the flag, else the SLURM array variables, else the whole job."""
+        env = os.environ if env is None else env
+        if spec:
+            try:
+                index_text, count_text = spec.split("/")
+                index, count = int(index_text), int(count_text)
+            except ValueError:
+                raise BadInput(f"invalid shard {spec!r}: expected K/N, e.g. 0/4") from None
+            return cls.checked(index, count, f"shard {spec!r}")
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            try:
+                task = int(env["SLURM_ARRAY_TASK_ID"])
+                first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+                step = int(env.get("SLURM_ARRAY_TASK_STEP", "1")) or 1
+                count = int(env["SLURM_ARRAY_TASK_COUNT"])
+            except ValueError:
+                raise BadInput("SLURM_ARRAY_TASK_* variables are not integers") from None
+            if (task - first) % step:
+                raise BadInput(f"SLURM_ARRAY_TASK_ID={task} is not on the array's step {step} from {first}")
+            return cls.checked((task - first) // step, count, "SLURM array task")
+        return cls()
+
+    @classmethod
+    def checked(cls, index: int, count: int, what: str) -> "Shard":
+        if count < 1 or not 0 <= index < count:
+            raise BadInput(f"invalid {what}: need 0 <= K < N and N >= 1 (got {index}/{count})")
+        return cls(index, count)
+
+    def units(self, total: int) -> range:
+        """This shard's contiguous block of units (blocks differ by at most one unit)."""
+        base, extra = divmod(total, self.count)
+        start = self.index * base + min(self.index, extra)
+        return range(start, start + base + (1 if self.index < extra else 0))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+# ---------------------------------------------------------------- records
+
+
+class StageFolder:
+    """A stage's output folder and what its record says."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder / RECORD
+
+    def record(self) -> dict | None:
+        return read_json(self.record_path)
+
+    def done_units(self) -> set[int]:
+        done = set()
+        with_dir = self.folder / DONE_DIR
+        if with_dir.is_dir():
+            for entry in with_dir.iterdir():
+                if entry.suffix == ".json" and entry.stem.isdigit():
+                    done.add(int(entry.stem))
+        return done
+
+    def marker(self, unit: int) -> Path:
+        return self.folder / DONE_DIR / f"{unit:06d}.json"
+
+    def is_complete(self) -> bool:
+        rec = self.record()
+        return bool(rec) and rec.get("state") == "complete"
+
+    def require_complete(self, stage: str, command: str) -> dict:
+        """The record of an upstream stage, or a MissingStage error naming the command to run."""
+        rec = self.record()
+        if not rec or rec.get("state") != "complete":
+            raise MissingStage(stage, command)
+        return rec
+
+
+class StageRun:
+    """One run of a stage: decides what to do, tracks completion, writes the record."""
+
+    def __init__(
+        self,
+        folder: Path,
+        stage: str,
+        params: dict[str, Any],
+        inputs: dict[str, str],
+        units: int,
+        *,
+        force: bool = False,
+        shard: Shard | None = None,
+    ):
+        self.folder = StageFolder(folder)
+        self.stage = stage
+        self.params = params
+        self.inputs = inputs
+        self.units = units
+        self.force = force
+        self.shard = shard or Shard()
+        self.fingerprint = fingerprint(
+            {"stage": stage, "schema": SCHEMA, "params": params, "inputs": inputs, "units": units}
+        )
+
+    @property
+    def path(self) -> Path:
+        return self.folder.folder
+
+    def _lock(self):
+        return file_lock(self.path / LOCK)
+
+    def up_to_date(self) -> bool:
+        rec = self.folder.record()
+        return bool(rec) and rec.get("state") == "complete" and rec.get("fingerprint") == self.fingerprint
+
+    def _new_record(self) -> dict:
+        return {
+            "stage": self.stage,
+            "schema": SCHEMA,
+            "version": vfx.__version__,
+            "fingerprint": self.fingerprint,
+            "params": self.params,
+            "inputs": self.inputs,
+            "units": self.units,
+            "state": "running",
+            "started": now(),
+            "started_unix": time.time(),
+        }
+
+    def start(self, create: Callable[[], None]) -> list[int]:
+        """Prepare the artifact (once, whichever shard comes first); return this shard's pending units."""
+        with self._lock():
+            rec = self.folder.record()
+            mine = self.shard.units(self.units)
+            if not rec or rec.get("fingerprint") != self.fingerprint:
+                # New or stale: start the artifact over.
+                shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
+                create()
+                atomic_write_json(self.folder.record_path, self._new_record())
+            elif self.force:
+                for unit in mine:
+                    self.folder.marker(unit).unlink(missing_ok=True)
+                if rec.get("state") == "complete":
+                    rec.update(state="running", started=now(), started_unix=time.time())
+                    atomic_write_json(self.folder.record_path, rec)
+            done = self.folder.done_units()
+        return [unit for unit in mine if unit not in done]
+
+    def mark_done(self, unit: int, checksum: str | None = None, seconds: float | None = None) -> None:
+        atomic_write_json(self.folder.marker(unit), {"sha256": checksum, "seconds": seconds})
+
+    def finish(self, finalize: Callable[[], dict | None] | None = None) -> bool:
+        """Complete the stage if every unit is done (by any shard). Returns whether it is complete."""
+        with self._lock():
+            rec = self.folder.record() or self._new_record()
+            if rec.get("state") == "complete" and rec.get("fingerprint") == self.fingerprint:
+                return True
+            if len(self.folder.done_units() & set(range(self.units))) < self.units:
+                return False
+            summary = finalize() if finalize else None
+            finished = time.time()
+            rec.update(
+                state="complete",
+                finished=now(),
+                seconds=round(finished - rec.get("started_unix", finished), 3),
+                summary=summary or {},
+            )
+            atomic_write_json(self.folder.record_path, rec)
+            return True
+
+    def complete_single(self, summary: dict | None = None, started: float | None = None) -> None:
+        """Record a single-unit stage (built elsewhere, then swapped in) as complete."""
+        with self._lock():
+            rec = self._new_record()
+            finished = time.time()
+            started = started or finished
+            rec.update(
+                state="complete",
+                started_unix=started,
+                started=datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+                finished=now(),
+                seconds=round(finished - started, 3),
+                summary=summary or {},
+            )
+            shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
+            atomic_write_json(self.folder.record_path, rec)
+
+
+def array_checksum(arrays: Iterable[Any]) -> str:
+    """SHA-256 over the bytes of the numpy arrays a unit wrote."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Stage implementations: each reads upstream artifacts and writes its own folder."""

@@ -1,0 +1,92 @@
+"""`vfx status`: every stage's state, built from the stage records alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vfx.project import Project
+from vfx.stage import RECORD, StageFolder
+from vfx.store import folder_size
+
+# The video pipeline's fixed stages, in order, with the command that makes each.
+PIPELINE = [
+    ("frames", "extract", "vfx extract DIR --video FILE"),
+    ("latents", "encode", "vfx encode DIR"),
+    ("inversion", "invert", "vfx invert DIR"),
+    ("flow", "flow", "vfx flow DIR"),
+]
+
+
+def _record_folders(root: Path) -> list[Path]:
+    found = []
+    for depth in ("*", "*/*", "*/*/*"):
+        found += [p.parent for p in root.glob(f"{depth}/{RECORD}") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return sorted(set(found))
+
+
+def stage_states(project: Project) -> list[dict]:
+    root = project.root
+    folders = _record_folders(root)
+    rows: dict[str, dict] = {}
+    for folder in folders:
+        rel = str(folder.relative_to(root))
+        sf = StageFolder(folder)
+        rec = sf.record() or {}
+        units = int(rec.get("units", 0) or 0)
+        done = len(sf.done_units() & set(range(units))) if units else 0
+        state = rec.get("state", "damaged")
+        if state == "running":
+            state = "partial"
+        rows[rel] = {
+            "folder": rel,
+            "stage": rec.get("stage", "?"),
+            "state": state,
+            "done": units if state == "complete" else done,
+            "units": units,
+            "params": rec.get("params", {}),
+            "inputs": rec.get("inputs", {}),
+            "fingerprint": rec.get("fingerprint"),
+            "seconds": rec.get("seconds"),
+            "finished": rec.get("finished"),
+            "bytes": folder_size(folder),
+            "summary": rec.get("summary", {}),
+        }
+
+    def stale(rel: str, seen: frozenset = frozenset()) -> bool:
+        row = rows.get(rel)
+        if row is None or rel in seen:
+            return True
+        for upstream, fp in row["inputs"].items():
+            up = rows.get(upstream)
+            if up is None or up["fingerprint"] != fp or up["state"] != "complete" or stale(upstream, seen | {rel}):
+                return True
+        return False
+
+    for rel, row in rows.items():
+        if row["state"] == "complete" and stale(rel):
+            row["state"] = "stale"
+    ordered = []
+    for folder, stage, command in PIPELINE:
+        ordered.append(rows.pop(folder, None) or {"folder": folder, "stage": stage, "state": "missing",
+                                                  "hint": command.replace("DIR", str(root))})
+    ordered += [rows[key] for key in sorted(rows)]
+    return ordered
+
+
+def key_params(params: dict, limit: int = 60) -> str:
+    parts = []
+    for key, value in params.items():
+        if key in {"source_id", "model"} and isinstance(value, str) and len(value) > 24:
+            value = value[:24] + "…"
+        parts.append(f"{key}={value}")
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"
