@@ -110,3 +110,30 @@ def decode_cmd(
     report(result, as_json)
     if result.get("video") and result.get("state") == "complete" and not as_json:
         emit(result, False, f"video: {result['video']}")
+
+
+@command(app, "invert")
+def invert_cmd(
+    root: ProjectDir,
+    steps: Annotated[int, typer.Option(help="DDIM inversion steps (the reference uses 500).")] = 500,
+    save_steps: Annotated[int, typer.Option(help="Steps of the editing schedule whose timesteps are saved (edit --steps must match).")] = 50,
+    prompt: Annotated[str | None, typer.Option(help="Inversion prompt describing the source; also the edit's source branch. Default: vfx.toml's prompt (empty). Over 77 tokens: truncated with a warning.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Frames per UNet call.")] = 8,
+    reconstruction: Annotated[bool, typer.Option("--reconstruction/--no-reconstruction", help="Denoise back, decode, write reconstruction.mp4 and per-frame PSNR.")] = True,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """DDIM-invert latents/ into inversion/: the latents along the trajectory at the editing schedule's timesteps."""
+    from vfx.stages.invert import invert
+
+    settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
+    result = invert(settings, steps, save_steps, prompt, batch_size, reconstruction)
+    report(result, as_json)
+    if result.get("psnr_mean") is not None and not as_json:
+        emit(result, False, f"reconstruction PSNR: {result['psnr_mean']:.2f} dB")

@@ -73,19 +73,23 @@ def upstream(settings: Settings, folder: str, stage: str, command: str) -> dict:
 def run_units(
     run: StageRun,
     pending: list[int],
-    work: Callable[[int], list[np.ndarray]],
+    work: Callable[[int, log.Bar], list[np.ndarray]],
     label: str,
-    on_start: Callable[[], None] | None = None,
+    steps_per_unit: int = 0,
+    unit_name: str = "chunks",
 ) -> int:
-    """Run `work` for each pending unit, marking each done with a checksum of what it wrote."""
-    if pending and on_start:
-        on_start()
-    with log.progress(label, len(pending), "chunks") as bar:
+    """Run `work(unit, bar)` for each pending unit, marking each done with a checksum of what it wrote.
+
+    With `steps_per_unit`, the bar counts those steps (work advances it); else it counts units.
+    """
+    total = len(pending) * steps_per_unit if steps_per_unit else len(pending)
+    with log.progress(label, total, unit_name) as bar:
         for unit in pending:
             began = time.perf_counter()
-            written = work(unit)
+            written = work(unit, bar)
             run.mark_done(unit, array_checksum(written), round(time.perf_counter() - began, 3))
-            bar.advance()
+            if not steps_per_unit:
+                bar.advance()
     return len(pending)
 
 

@@ -72,7 +72,7 @@ def decode(settings: Settings, edit: str | None = None, batch_size: int = 4, png
     pending = run.start(create)
     frames = open_array(folder / "frames.zarr", mode="r+")
 
-    def work(unit: int) -> list[np.ndarray]:
+    def work(unit: int, bar) -> list[np.ndarray]:
         start, end = ranges[unit]
         result = decode_latents(settings.pipeline().vae, latents[start:end], settings.device, batch_size)
         frames[start:end] = result

@@ -56,7 +56,7 @@ def encode(settings: Settings, batch_size: int = 4) -> dict:
     pending = run.start(create)
     latents = open_array(run.path / ARRAY, mode="r+")
 
-    def work(unit: int) -> list[np.ndarray]:
+    def work(unit: int, bar) -> list[np.ndarray]:
         start, end = ranges[unit]
         vae = settings.pipeline().vae
         result = encode_frames(vae, frames[start:end], settings.device, batch_size)

@@ -1,0 +1,126 @@
+"""The stage contract: shards, SLURM variables, concurrent processes, SIGKILL and resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, invoke, run_cli
+from vfx.errors import BadInput
+from vfx.stage import Shard
+
+
+def test_shard_blocks_cover_every_unit_once():
+    for total in (0, 1, 5, 12):
+        for count in (1, 2, 3, 7):
+            units = [u for k in range(count) for u in Shard(k, count).units(total)]
+            assert units == list(range(total))
+
+
+def test_shard_from_slurm_sparse_stepped_ids():
+    env = {"SLURM_ARRAY_TASK_ID": "14", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_STEP": "2",
+           "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert Shard.parse(None, env) == Shard(2, 4)
+    assert Shard.parse("1/3", env) == Shard(1, 3)  # the flag wins
+    assert Shard.parse(None, {}) == Shard(0, 1)
+    with pytest.raises(BadInput):
+        Shard.parse(None, {**env, "SLURM_ARRAY_TASK_ID": "15"})
+
+
+@pytest.mark.parametrize("spec", ["3/2", "0/0", "-1/2", "a/b", "1"])
+def test_bad_shard_specs(spec):
+    with pytest.raises(BadInput):
+        Shard.parse(spec, {})
+
+
+def chunk_files(array: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(array)): p.read_bytes() for p in sorted(array.rglob("*")) if p.is_file()}
+
+
+def copy_project(src: Path, dst: Path, keep: tuple[str, ...]) -> Path:
+    dst.mkdir()
+    shutil.copy(src / "vfx.toml", dst / "vfx.toml")
+    for folder in keep:
+        shutil.copytree(src / folder, dst / folder)
+    return dst
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def test_concurrent_shards_equal_one_process(encoded, tmp_path):
+    sharded = copy_project(encoded, tmp_path / "sharded", ("frames",))
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "vfx", "encode", str(sharded), "--shard", f"{k}/2"], env=cli_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for k in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert (sharded / "latents" / "stage.json").exists()
+    assert '"complete"' in (sharded / "latents" / "stage.json").read_text()
+    assert chunk_files(sharded / "latents" / "latents.zarr") == chunk_files(encoded / "latents" / "latents.zarr")
+
+
+def test_concurrent_shards_via_slurm_variables(encoded, tmp_path):
+    sharded = copy_project(encoded, tmp_path / "slurm", ("frames",))
+    procs = []
+    for task in (4, 6, 8):  # a stepped array: --array=4-8:2
+        env = cli_env() | {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_STEP": "2",
+                           "SLURM_ARRAY_TASK_COUNT": "3"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "vfx", "encode", str(sharded)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0
+    assert chunk_files(sharded / "latents" / "latents.zarr") == chunk_files(encoded / "latents" / "latents.zarr")
+
+
+def test_sigkill_then_resume_recomputes_only_unfinished(tmp_path, gen_video):
+    """Kill `vfx invert` (one frame per chunk, so it takes a while) after two chunks, then rerun."""
+    killed = tmp_path / "killed"
+    for args in (("init", killed, "--video", gen_video, "--size", "64x64", "--chunk-frames", "1", "--max-frames", "6"),
+                 ("extract", killed), ("encode", killed)):
+        assert invoke(*args).exit_code == 0
+    clean = copy_project(killed, tmp_path / "clean", ("frames", "latents"))
+    args = ["invert", "--steps", "30", "--save-steps", "10"]
+    proc = subprocess.Popen([sys.executable, "-m", "vfx", args[0], str(killed), *args[1:]], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    done_dir = killed / "inversion" / ".done"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not done_dir.is_dir() or len(list(done_dir.glob("*.json"))) < 2):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    survivors = {p.name: p.read_bytes() for p in done_dir.glob("*.json")}
+    assert 2 <= len(survivors) < 6, "the kill should land mid-way"
+    assert '"running"' in (killed / "inversion" / "stage.json").read_text()
+
+    result = run_cli(*[args[0], killed, *args[1:]], "--json")
+    assert f'"computed_units": {6 - len(survivors)}' in result.stdout
+    for name, content in survivors.items():  # finished chunks were not redone
+        assert (done_dir / name).read_bytes() == content
+    assert invoke(args[0], clean, *args[1:]).exit_code == 0
+    for array in ("trajectory.zarr", "reconstruction_latents.zarr", "reconstruction.zarr"):
+        assert chunk_files(killed / "inversion" / array) == chunk_files(clean / "inversion" / array), array
+
+
+def test_concurrent_array_creation_is_safe(encoded, tmp_path):
+    """Four processes start the same stage at once: one creates the array, all finish, no chunk is lost."""
+    fresh = copy_project(encoded, tmp_path / "race", ("frames",))
+    procs = [subprocess.Popen([sys.executable, "-m", "vfx", "encode", str(fresh), "--shard", f"{k}/4"], env=cli_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for k in range(4)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0
+    assert chunk_files(fresh / "latents" / "latents.zarr") == chunk_files(encoded / "latents" / "latents.zarr")
+    assert invoke("encode", fresh, "--json").stdout.count('"up_to_date": true') == 1

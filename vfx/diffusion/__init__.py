@@ -1,0 +1,1 @@
+"""Diffusion building blocks: DDIM steps, prompts, attention processors, TokenFlow."""
