@@ -1,0 +1,120 @@
+"""Optical flow and occlusion (DESIGN section 6, "Optical flow").
+
+Flow fields use the artifact layout: float [2, H, W], channel 0 = dx, channel 1 = dy, in pixels.
+A flow defined on frame A's grid points from A to B: pixel x of A is seen at x + w(x) in B.
+Every function here works at any resolution, so the edit stage can reuse them on token grids.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from vfx.errors import BadInput
+
+METHOD = "opencv-dis"
+PRESETS = {
+    "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+    "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+    "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
+}
+DEFAULT_PRESET = "medium"
+
+# Forward-backward consistency (Sundaram et al. 2010, as used by Ruder et al. 2016):
+# occluded where |w_f + w_b(x + w_f)|^2 > FB_REL (|w_f|^2 + |w_b(x + w_f)|^2) + FB_ABS.
+FB_REL, FB_ABS = 0.01, 0.5
+# Motion boundary: |grad u|^2 + |grad v|^2 > MB_REL |w|^2 + MB_ABS.
+MB_REL, MB_ABS = 0.01, 0.002
+OCCLUSION_RULE = "fb-consistency(0.01,0.5)+motion-boundary(0.01,0.002)+out-of-frame"
+
+
+def check_preset(preset: str) -> str:
+    if preset not in PRESETS:
+        raise BadInput(f"unknown flow preset {preset!r}: use {', '.join(PRESETS)}")
+    return preset
+
+
+def to_grey(frame: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] (or already grey [H, W]) -> uint8 grey, what DIS works on."""
+    if frame.ndim == 2:
+        return np.ascontiguousarray(frame, dtype=np.uint8)
+    return cv2.cvtColor(np.ascontiguousarray(frame, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
+
+
+def dis_flow(source: np.ndarray, target: np.ndarray, preset: str = DEFAULT_PRESET) -> np.ndarray:
+    """Dense flow from `source` to `target` (uint8 frames), float32 [2, H, W]."""
+    # A fresh solver per call: no state carries over between pairs, so any shard split
+    # of the pairs computes the same bytes as one process.
+    solver = cv2.DISOpticalFlow_create(PRESETS[check_preset(preset)])
+    flow = solver.calc(to_grey(source), to_grey(target), None)
+    return np.ascontiguousarray(flow.transpose(2, 0, 1))
+
+
+def _sample_grid(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The absolute sampling positions x + w(x) as cv2.remap maps."""
+    _, height, width = flow.shape
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    return xs + flow[0].astype(np.float32), ys + flow[1].astype(np.float32)
+
+
+def warp(image: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """Backward warping: out(x) = image(x + flow(x)), bilinear, edges replicated.
+
+    `image` is [H, W] or [H, W, C] on the grid of the flow's target frame; `flow` is [2, H, W]
+    on the output's grid. With the forward flow t -> t+1, warp(frame[t+1], flow) lines frame
+    t+1 up with frame t. Positions that fall outside the image are unreliable: see out_of_frame.
+    """
+    if flow.ndim != 3 or flow.shape[0] != 2:
+        raise ValueError(f"flow must be [2, H, W], got {flow.shape}")
+    if image.shape[:2] != flow.shape[1:]:
+        raise ValueError(f"image {image.shape[:2]} and flow {flow.shape[1:]} differ in size")
+    map_x, map_y = _sample_grid(flow)
+    source = image.astype(np.float32) if image.dtype == np.float16 else image
+    if source.ndim == 2:
+        return cv2.remap(np.ascontiguousarray(source), map_x, map_y, interpolation, borderMode=cv2.BORDER_REPLICATE)
+    # The cv2 binding mangles arrays with many channels (and drops a lone channel axis): go by blocks.
+    parts = []
+    for start in range(0, source.shape[2], 64):
+        block = np.ascontiguousarray(source[..., start : start + 64])
+        out = cv2.remap(block, map_x, map_y, interpolation, borderMode=cv2.BORDER_REPLICATE)
+        parts.append(out.reshape(block.shape))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+
+
+def out_of_frame(flow: np.ndarray) -> np.ndarray:
+    """bool [H, W]: where x + flow(x) leaves the frame (nothing there to compare with)."""
+    map_x, map_y = _sample_grid(flow)
+    _, height, width = flow.shape
+    return (map_x < 0) | (map_x > width - 1) | (map_y < 0) | (map_y > height - 1)
+
+
+def fb_inconsistent(flow: np.ndarray, reverse: np.ndarray) -> np.ndarray:
+    """bool [H, W]: the forward-backward check fails (`reverse` is the flow the other way)."""
+    flow = flow.astype(np.float32)
+    back = warp(reverse.astype(np.float32).transpose(1, 2, 0), flow).transpose(2, 0, 1)
+    mismatch = ((flow + back) ** 2).sum(axis=0)
+    return mismatch > FB_REL * ((flow**2).sum(axis=0) + (back**2).sum(axis=0)) + FB_ABS
+
+
+def motion_boundary(flow: np.ndarray) -> np.ndarray:
+    """bool [H, W]: the flow changes fast here (central differences, in pixels per pixel)."""
+    flow = flow.astype(np.float32)
+    du_y, du_x = np.gradient(flow[0])
+    dv_y, dv_x = np.gradient(flow[1])
+    gradient = du_x**2 + du_y**2 + dv_x**2 + dv_y**2
+    return gradient > MB_REL * (flow**2).sum(axis=0) + MB_ABS
+
+
+def occlusion(flow: np.ndarray, reverse: np.ndarray) -> np.ndarray:
+    """bool [H, W] on `flow`'s grid: True where `flow` is not a trustworthy correspondence.
+
+    Occluded = forward-backward check fails, or a motion boundary, or the target leaves the frame.
+    """
+    return fb_inconsistent(flow, reverse) | motion_boundary(flow) | out_of_frame(flow)
+
+
+def flow_pair(source: np.ndarray, target: np.ndarray, preset: str = DEFAULT_PRESET):
+    """(forward, backward, occlusion_forward, occlusion_backward) for two consecutive frames."""
+    forward = dis_flow(source, target, preset)
+    backward = dis_flow(target, source, preset)
+    return forward, backward, occlusion(forward, backward), occlusion(backward, forward)
