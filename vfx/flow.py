@@ -25,7 +25,9 @@ DEFAULT_PRESET = "medium"
 FB_REL, FB_ABS = 0.01, 0.5
 # Motion boundary: |grad u|^2 + |grad v|^2 > MB_REL |w|^2 + MB_ABS.
 MB_REL, MB_ABS = 0.01, 0.002
-OCCLUSION_RULE = "fb-consistency(0.01,0.5)+motion-boundary(0.01,0.002)+out-of-frame"
+# Recorded in flow/'s parameters: bump the version when a threshold or test changes.
+OCCLUSION_RULE = "fb+boundary+out-of-frame/v1"
+THRESHOLDS = {"fb_rel": FB_REL, "fb_abs": FB_ABS, "mb_rel": MB_REL, "mb_abs": MB_ABS}
 
 
 def check_preset(preset: str) -> str:

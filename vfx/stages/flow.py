@@ -52,7 +52,8 @@ def compute_flow(project: Project, preset: str = F.DEFAULT_PRESET, shard: Shard 
                          {**attrs, "kind": "flow", "direction": name, "units": "pixels (dx, dy)"})
         for name in ("occlusion_forward", "occlusion_backward"):
             create_array(run.path / f"{name}.zarr", (count - 1, height, width), (chunk, height, width), "uint8",
-                         {**attrs, "kind": "mask", "rule": F.OCCLUSION_RULE, "meaning": "1 = occluded / unreliable"})
+                         {**attrs, "kind": "mask", "rule": F.OCCLUSION_RULE, "thresholds": F.THRESHOLDS,
+                          "meaning": "1 = occluded / unreliable"})
 
     pending = run.start(create)
     arrays = {name: open_array(run.path / f"{name}.zarr", mode="r+") for name in ARRAYS}
