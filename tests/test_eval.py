@@ -106,7 +106,7 @@ def test_warp_error_matches_a_hand_computation(tmp_path):
     assert summary["warp_error"]["edit"] * 1e-3 == pytest.approx(expected, rel=1e-6)
     assert summary["warp_error"]["source"] == summary["warp_error"]["edit"]
     assert [v * 1e-3 for v in summary["per_frame"]["warp_error"]["edit"]] == pytest.approx([0.12, sum(pair1) / len(pair1)], rel=1e-6)
-    assert summary["flow"] == {"method": "given", "preset": "hand"} and summary["warp_error_unit"] == 1e-3
+    assert summary["flow"] == {"method": "given", "preset": "hand", "occlusion": None} and summary["warp_error_unit"] == 1e-3
 
 
 def test_warp_error_pair_ignores_occluded_pixels_and_handles_all_occluded():

@@ -92,19 +92,27 @@ def out_of_frame(flow: np.ndarray) -> np.ndarray:
 
 def fb_inconsistent(flow: np.ndarray, reverse: np.ndarray) -> np.ndarray:
     """bool [H, W]: the forward-backward check fails (`reverse` is the flow the other way)."""
-    flow = flow.astype(np.float32)
-    back = warp(reverse.astype(np.float32).transpose(1, 2, 0), flow).transpose(2, 0, 1)
-    mismatch = ((flow + back) ** 2).sum(axis=0)
-    return mismatch > FB_REL * ((flow**2).sum(axis=0) + (back**2).sum(axis=0)) + FB_ABS
+    fx, fy = flow.astype(np.float32)
+    map_x, map_y = _sample_grid(flow)
+    # The reverse flow where each pixel lands, one component at a time (no [H, W, 2] copies).
+    bx, by = (cv2.remap(np.ascontiguousarray(c, dtype=np.float32), map_x, map_y, cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE) for c in reverse)
+    mismatch = (fx + bx) ** 2 + (fy + by) ** 2
+    return mismatch > FB_REL * (fx * fx + fy * fy + bx * bx + by * by) + FB_ABS
+
+
+_CENTRAL = np.array([[-0.5, 0.0, 0.5]], np.float32)  # central difference, in pixels per pixel
 
 
 def motion_boundary(flow: np.ndarray) -> np.ndarray:
-    """bool [H, W]: the flow changes fast here (central differences, in pixels per pixel)."""
-    flow = flow.astype(np.float32)
-    du_y, du_x = np.gradient(flow[0])
-    dv_y, dv_x = np.gradient(flow[1])
-    gradient = du_x**2 + du_y**2 + dv_x**2 + dv_y**2
-    return gradient > MB_REL * (flow**2).sum(axis=0) + MB_ABS
+    """bool [H, W]: the flow changes fast here (central differences, edges replicated)."""
+    fx, fy = flow.astype(np.float32)
+    gradient = np.zeros(fx.shape, np.float32)
+    for component in (fx, fy):
+        for kernel in (_CENTRAL, _CENTRAL.T):
+            derivative = cv2.filter2D(component, -1, kernel, borderType=cv2.BORDER_REPLICATE)
+            gradient += derivative * derivative
+    return gradient > MB_REL * (fx * fx + fy * fy) + MB_ABS
 
 
 def occlusion(flow: np.ndarray, reverse: np.ndarray) -> np.ndarray:

@@ -76,7 +76,7 @@ def _flow(project: Project, plan: Plan, required: bool) -> None:
     record = flow_upstream(project)
     plan.inputs["flow"] = record["fingerprint"]
     plan.warp = True
-    plan.flow_params = {k: record["params"].get(k) for k in ("method", "preset")}
+    plan.flow_params = {k: record["params"].get(k) for k in ("method", "preset", "occlusion")}
 
 
 def plan_edit(project: Project, edit: str, prompt: str | None) -> Plan:
