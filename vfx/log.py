@@ -17,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line, however long
 out = Console(highlight=False, soft_wrap=True)
 _quiet = bool(os.environ.get("VFX_QUIET"))
 
