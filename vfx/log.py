@@ -19,7 +19,13 @@ from rich.progress import (
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # an error stays one line, however long
 out = Console(highlight=False, soft_wrap=True)
-_quiet = bool(os.environ.get("VFX_QUIET"))
+
+
+def quiet_from_env() -> bool:
+    return bool(os.environ.get("VFX_QUIET"))
+
+
+_quiet = quiet_from_env()
 
 
 def set_quiet(value: bool) -> None:

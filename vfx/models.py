@@ -16,15 +16,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# Library chatter (progress bars, optional-dependency notices) would drown our own stderr.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+import torch
 
-import torch  # noqa: E402
-
-from vfx import log  # noqa: E402
+from vfx import log
 from vfx.errors import BadInput
 from vfx.fsutil import file_lock
 

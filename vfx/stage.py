@@ -183,8 +183,8 @@ class StageRun:
         with self._lock():
             rec = self.folder.record()
             mine = self.shard.units(self.units)
-            if not rec or rec.get("fingerprint") != self.fingerprint:
-                # New or stale: start the artifact over.
+            if not rec or rec.get("fingerprint") != self.fingerprint or (self.force and self.shard.count == 1):
+                # New, stale, or forced for the whole stage: start the artifact over.
                 shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
                 create()
                 atomic_write_json(self.folder.record_path, self._new_record())
@@ -197,8 +197,11 @@ class StageRun:
             done = self.folder.done_units()
         return [unit for unit in mine if unit not in done]
 
-    def mark_done(self, unit: int, checksum: str | None = None, seconds: float | None = None) -> None:
-        atomic_write_json(self.folder.marker(unit), {"sha256": checksum, "seconds": seconds})
+    def mark_done(self, unit: int, checksum: str | None = None, seconds: float | None = None, **extra: Any) -> None:
+        atomic_write_json(self.folder.marker(unit), {"sha256": checksum, "seconds": seconds, **extra})
+
+    def marker(self, unit: int) -> dict | None:
+        return read_json(self.folder.marker(unit))
 
     def finish(self, finalize: Callable[[], dict | None] | None = None) -> bool:
         """Complete the stage if every unit is done (by any shard). Returns whether it is complete."""

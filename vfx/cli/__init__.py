@@ -38,7 +38,7 @@ def _global(
 ) -> None:
     """Global options."""
     DEBUG["on"] = DEBUG["on"] or debug
-    log.set_quiet(quiet)
+    log.set_quiet(quiet or log.quiet_from_env())
 
 
 from vfx.cli import project_cmds, video_cmds  # noqa: E402,F401  (registers the commands)

@@ -137,3 +137,37 @@ def invert_cmd(
     report(result, as_json)
     if result.get("psnr_mean") is not None and not as_json:
         emit(result, False, f"reconstruction PSNR: {result['psnr_mean']:.2f} dB")
+
+
+@command(app, "edit")
+def edit_cmd(
+    root: ProjectDir,
+    prompt: Annotated[str, typer.Option(help="The edited video's description (required; an empty prompt is refused).", show_default=False)],
+    name: Annotated[str | None, typer.Option(help="Edit name (folder edits/NAME). Default: derived from the prompt.", show_default=False)] = None,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt (the unconditional branch).")] = "ugly, blurry, low res, unrealistic, unaesthetic",
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    steps: Annotated[int, typer.Option(help="Denoising steps; the inversion must have saved this schedule (invert --save-steps).")] = 50,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Window length: one random keyframe is drawn per window of this many frames, every step.")] = 8,
+    pnp_attn_t: Annotated[float, typer.Option(help="Fraction of the steps with PnP query/key injection in the decoder's self-attention.")] = 0.5,
+    pnp_f_t: Annotated[float, typer.Option(help="Fraction of the steps with PnP resnet-feature injection.")] = 0.8,
+    seed: Annotated[int | None, typer.Option(help="Seed of the keyframe draws. Default: vfx.toml (0).", show_default=False)] = None,
+    propagation: Annotated[str, typer.Option(help="distance: blend the two neighbouring keyframes by real distance. reference: the reference implementation's window-centre sigmoid blend of the previous keyframe, for comparison.")] = "distance",
+    keyframes: Annotated[Path | None, typer.Option(help="Replay a keyframe schedule (JSON list of lists or .npy, steps x K) instead of drawing one.", show_default=False)] = None,
+    keyframe_batch: Annotated[int, typer.Option(help="Keyframes per extended-attention query slice, bounding attention memory (0: all at once).")] = 0,
+    frame_batch: Annotated[int, typer.Option(help="Frames per UNet call in the propagation pass.")] = 8,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Edit the video with TokenFlow + plug-and-play: keyframes with extended attention, features propagated to every frame."""
+    from vfx.stages.edit import edit
+
+    settings = settings_for(root, model, device, dtype, None, force, allow_pickle, model_config)
+    result = edit(settings, prompt, name, negative_prompt, guidance, steps, batch_size, pnp_attn_t, pnp_f_t, seed,
+                  propagation, keyframes, keyframe_batch, frame_batch)
+    text = f"edit {result['name']}: " + ("up to date" if result.get("up_to_date") else "complete")
+    emit(result, as_json, text)

@@ -37,9 +37,12 @@ def inversion_plan(schedule: Schedule, steps: int, save_steps: int) -> tuple[lis
     editing = schedule.timesteps(save_steps)
     missing = [t for t in editing if t not in grid]
     if missing:
+        fits = [n for n in range(save_steps, schedule.num_train_timesteps + 1, save_steps)
+                if set(editing) <= set(schedule.timesteps(n))]
+        hint = f"; --steps {min(fits, key=lambda n: abs(n - steps))} fits" if fits else ""
         raise BadInput(
-            f"timestep {missing[0]} of the {save_steps}-step editing schedule is not on the {steps}-step inversion "
-            f"grid; use --steps a multiple of --save-steps (e.g. {save_steps * max(1, steps // save_steps)})"
+            f"timestep {missing[0]} of the {save_steps}-step editing schedule is not on the {steps}-step "
+            f"inversion grid{hint}"
         )
     saved = sorted(set(editing) | {grid[-1]}, reverse=True)
     return grid, saved
