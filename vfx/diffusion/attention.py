@@ -176,7 +176,7 @@ class TokenFlowProcessor:
         return propagate(state, self.name, hidden_states)
 
 
-def install(unet, state: TokenFlowState) -> tuple[UNetLayers, object]:
+def install(unet, state: TokenFlowState) -> tuple:
     """Swap in TokenFlow processors on every attn1 and hook the PnP conv; `uninstall` undoes both."""
     layers = find_layers(unet)
     previous = dict(unet.attn_processors)
@@ -197,7 +197,7 @@ def install(unet, state: TokenFlowState) -> tuple[UNetLayers, object]:
         return torch.cat([output[:n]] * 3)
 
     conv = unet.get_submodule(layers.injected_conv)
-    return layers, (conv.register_forward_hook(inject_conv), previous)
+    return conv.register_forward_hook(inject_conv), previous
 
 
 def uninstall(unet, installed) -> None:

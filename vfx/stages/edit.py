@@ -147,7 +147,7 @@ def edit(
     )
     editor = TokenFlowEditor(pipe.unet, schedule, state, embeddings, guidance, propagation, batch_size,
                              settings.device, frame_batch)
-    _, hook = install(pipe.unet, state)
+    installed = install(pipe.unet, state)
     began = time.perf_counter()
     try:
         with log.progress(f"edit {name}", len(pending), "steps") as bar:
@@ -171,7 +171,7 @@ def edit(
                 run.mark_done(step, None, round(time.perf_counter() - step_began, 3), keyframes=keyframes)
                 bar.advance()
     finally:
-        uninstall(pipe.unet, hook)
+        uninstall(pipe.unet, installed)
 
     def finalize() -> dict:
         final = open_array(buffers[steps % 2])
