@@ -73,12 +73,12 @@ def stage_states(project: Project) -> list[dict]:
     return ordered
 
 
-def key_params(params: dict, limit: int = 60) -> str:
-    parts = []
-    for key, value in params.items():
-        if key in {"source_id", "model"} and isinstance(value, str) and len(value) > 24:
-            value = value[:24] + "…"
-        parts.append(f"{key}={value}")
+# Parameters too long or too technical for a one-line summary; `vfx inspect` shows them all.
+HIDDEN_PARAMS = {"source", "source_id", "model", "dtype", "keyframes", "negative_prompt", "chunk_frames", "videos"}
+
+
+def key_params(params: dict, limit: int = 70) -> str:
+    parts = [f"{key}={value}" for key, value in params.items() if key not in HIDDEN_PARAMS and value not in (None, "", [])]
     text = " ".join(parts)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

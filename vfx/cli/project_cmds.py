@@ -66,9 +66,10 @@ def status_cmd(root: ProjectDir, as_json: JsonOpt = False) -> None:
     if as_json:
         emit({"project": str(project.root), "stages": rows}, True)
         return
-    table = Table(title=f"vfx project {project.root}", title_justify="left")
-    for column in ("folder", "stage", "state", "chunks", "size", "time", "parameters"):
-        table.add_column(column, overflow="fold")
+    table = Table(title=f"vfx project {project.root}", title_justify="left", expand=True)
+    for column in ("folder", "stage", "state", "chunks", "size", "time"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("parameters", overflow="fold", ratio=1)
     colours = {"complete": "green", "partial": "yellow", "stale": "magenta", "missing": "dim", "damaged": "red"}
     for row in rows:
         state = row["state"]

@@ -214,7 +214,7 @@ def evaluate(
     if plan.warp:
         flow = {name: open_array(project.path("flow", f"{name}.zarr")) for name in ("forward", "occlusion_forward")}
 
-    def work(unit: int) -> list[np.ndarray]:
+    def work(unit: int, bar) -> list[np.ndarray]:
         start, end = ranges[unit]
         values = unit_values(plan, start, end, flow, clip)
         atomic_write_json(parts_dir / f"{unit:06d}.json", values)

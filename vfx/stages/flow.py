@@ -58,7 +58,7 @@ def compute_flow(project: Project, preset: str = F.DEFAULT_PRESET, shard: Shard 
     pending = run.start(create)
     arrays = {name: open_array(run.path / f"{name}.zarr", mode="r+") for name in ARRAYS}
 
-    def work(unit: int) -> list[np.ndarray]:
+    def work(unit: int, bar) -> list[np.ndarray]:
         start, end = ranges[unit]
         block = np.asarray(frames[start : end + 1])
         results = [F.flow_pair(block[i], block[i + 1], preset) for i in range(end - start)]
