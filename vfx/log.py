@@ -32,17 +32,18 @@ def info(message: str) -> None:
         err.print(message)
 
 
+# Messages stay one line each (soft_wrap: no hard breaks at the console width), so scripts can grep them.
 def note(message: str) -> None:
     if not _quiet:
-        err.print(f"[yellow]note:[/yellow] {escape(message)}")
+        err.print(f"[yellow]note:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    err.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}")
+    err.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}", soft_wrap=True)
 
 
 def error(message: str) -> None:
-    err.print(f"[bold red]error:[/bold red] {escape(message)}")
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
 
 
 class Bar:
