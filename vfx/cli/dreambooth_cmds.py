@@ -97,7 +97,7 @@ def train_cmd(
     model_config: ModelConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,
     device: DeviceOpt = None,
-    force: ForceOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Train from step 0 even when up to date; deletes the run's checkpoints.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the model on a subject (DreamBooth) into dreambooth/NAME/weights/, with checkpoints and exact resume."""
@@ -117,6 +117,8 @@ def train_cmd(
         validation_images=validation_images, validation_steps=validation_steps, eval_pairs=eval_pairs,
     )
     result = train(settings, cfg)
+    if not result.get("main_process", True):
+        return  # under `accelerate launch`, the main process reports
     if result.get("up_to_date"):
         text = "train: up to date"
     elif result["state"] == "complete":

@@ -105,6 +105,10 @@ class ImageSet:
             x = x.flip(-1)
         return x
 
+    def fixed_pixels(self) -> torch.Tensor:
+        """[n, 3, r, r]: every image's centre crop."""
+        return torch.stack([self.centre(i) for i in range(len(self))])
+
     def centre(self, index: int) -> torch.Tensor:
         """[3, r, r]: the centre crop, never mirrored (for caching and evaluation)."""
         image = self.images[index]

@@ -25,7 +25,8 @@ from vfx import log
 from vfx.errors import BadInput, MissingStage
 from vfx.fsutil import atomic_write_text
 from vfx.models import load_pipeline
-from vfx.stage import StageRun
+from vfx.media import read_image
+from vfx.stage import StageFolder, StageRun
 from vfx.stages.common import Settings, up_to_date_result
 from vfx.dreambooth import checkpoint
 from vfx.dreambooth.data import (
@@ -139,7 +140,7 @@ class Prior:
     """Class images for the prior-preservation loss, and where they came from."""
 
     prompt: str
-    images: list[np.ndarray]
+    files: list[Path]
     params: dict
     inputs: dict
 
@@ -156,8 +157,8 @@ def find_prior(settings: Settings, cfg: TrainConfig, run_dir: Path) -> Prior | N
     if cfg.class_dir:
         if not cfg.class_prompt:
             raise BadInput("--class-dir needs --class-prompt: the prompt its images show (e.g. 'a photo of a dog')")
-        files = list_images(cfg.class_dir, "class")
-        return Prior(cfg.class_prompt, read_images(files), {"class_images": files_identity(files)}, {})
+        files = check_images(list_images(cfg.class_dir, "class"))
+        return Prior(cfg.class_prompt, files, {"class_images": files_identity(files)}, {})
     folder = run_dir / CLASS_FOLDER
     manifest = class_images(folder)
     prompt = cfg.class_prompt or (manifest or {}).get("prompt") or "a photo of a CLASS"
@@ -174,16 +175,17 @@ def find_prior(settings: Settings, cfg: TrainConfig, run_dir: Path) -> Prior | N
     if manifest["model"] != settings.model.identity:
         raise BadInput(f"the class images in {folder} were made by another model ({manifest.get('model_spec')}); "
                        f"run `{command}` first")
-    files = [folder / image["file"] for image in manifest["images"]]
-    fingerprint = (class_folder_record(folder) or {}).get("fingerprint")
+    files = check_images([folder / image["file"] for image in manifest["images"]])
+    fingerprint = (StageFolder(folder).record() or {}).get("fingerprint")
     rel = str(folder.relative_to(settings.project.root))
-    return Prior(manifest["prompt"], read_images(files), {}, {rel: fingerprint})
+    return Prior(manifest["prompt"], files, {}, {rel: fingerprint})
 
 
-def class_folder_record(folder: Path) -> dict | None:
-    from vfx.stage import StageFolder
-
-    return StageFolder(folder).record()
+def check_images(files: list[Path]) -> list[Path]:
+    """Decode every file once (and let it go), so a damaged one stops training before it starts."""
+    for path in files:
+        read_image(path)
+    return files
 
 
 def check_resumable(state: dict, settings: Settings, cfg: TrainConfig, fingerprint: str, world: int) -> None:
@@ -278,13 +280,24 @@ def posterior(vae, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, 
 class Latents:
     """Training latents of one image set: posterior samples, from cached posteriors when pixels are fixed."""
 
-    def __init__(self, images: ImageSet, vae):
+    def __init__(self, images: ImageSet | None, vae, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.images, self.vae = images, vae
         self.scale = float(vae.config.scaling_factor)
-        self.cache = posterior(vae, self.fixed_pixels()) if images.fixed else None
+        if cache is None and images.fixed:
+            cache = posterior(vae, images.fixed_pixels())
+        self.cache = cache
 
-    def fixed_pixels(self) -> torch.Tensor:
-        return torch.stack([self.images.centre(i) for i in range(len(self.images))])
+    @classmethod
+    def from_files(cls, files: list[Path], resolution: int, vae, batch: int = 8) -> "Latents":
+        """Cached posteriors of centre-cropped images, decoded a few at a time (hundreds of class
+        images would not fit in memory as pixels)."""
+        means, stds = [], []
+        for start in range(0, len(files), batch):
+            chunk = ImageSet.from_arrays(read_images(files[start : start + batch]), resolution)
+            mean, std = posterior(vae, chunk.fixed_pixels())
+            means.append(mean)
+            stds.append(std)
+        return cls(None, vae, (torch.cat(means), torch.cat(stds)))
 
     def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         if self.cache is not None:
@@ -325,7 +338,7 @@ class Conditioning:
 
 def eval_set(latents: Latents, pairs: int, seed: int, num_timesteps: int):
     """A fixed set of (clean latent, noise, timestep) triples: each instance image at `pairs` spread timesteps."""
-    mean = latents.cache[0] if latents.cache is not None else posterior(latents.vae, latents.fixed_pixels())[0]
+    mean = latents.cache[0] if latents.cache is not None else posterior(latents.vae, latents.images.fixed_pixels())[0]
     clean = (mean * latents.scale).repeat_interleave(pairs, dim=0)
     generator = torch.Generator().manual_seed(seed + 7919)  # its own stream: training randomness is untouched
     noise = torch.randn(clean.shape, generator=generator).to(clean.device)
@@ -455,6 +468,8 @@ def train(settings: Settings, cfg: TrainConfig) -> dict:
 
     accelerator = make_accelerator(cfg, settings.device)
     world, rank = accelerator.num_processes, accelerator.process_index
+    if not accelerator.is_main_process:
+        log.set_quiet(True)  # one progress bar and one set of notes, from the main process
     if resume_state:
         check_resumable(resume_state, settings, cfg, run.fingerprint, world)
     weight_dtype = PRECISIONS[cfg.mixed_precision]
@@ -495,11 +510,11 @@ def train(settings: Settings, cfg: TrainConfig) -> dict:
 
     # Data: latents and text embeddings cached wherever they cannot change.
     instances = Latents(ImageSet.from_arrays(instance_arrays, cfg.resolution, cfg.random_crop, cfg.flip), pipe.vae)
-    classes = Latents(ImageSet.from_arrays(prior.images, cfg.resolution), pipe.vae) if prior else None
+    classes = Latents.from_files(prior.files, cfg.resolution, pipe.vae) if prior else None
     prompts = [cfg.instance_prompt] + ([prior.prompt] if prior else [])
     conditioning = Conditioning(text_encoder, tokenizer, prompts, cfg.train_text_encoder)
     instance_order = ExampleOrder(len(instance_arrays), cfg.seed, 0)
-    class_order = ExampleOrder(len(prior.images), cfg.seed, 1) if prior else None
+    class_order = ExampleOrder(len(prior.files), cfg.seed, 1) if prior else None
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     fixed_eval = eval_set(instances, cfg.eval_pairs, cfg.seed, num_timesteps) if cfg.eval_pairs else None
 
@@ -611,10 +626,9 @@ def train(settings: Settings, cfg: TrainConfig) -> dict:
         "stage": "train", "folder": str(run.path), "step": step, "max_steps": cfg.max_steps, "mode": cfg.mode,
         "steps_run": steps_here, "checkpoint": str(latest[-1][1]) if latest else None,
         "metrics": str(run_dir / METRICS), "last": last, "fingerprint": run.fingerprint,
-        "prior": bool(prior), "seconds": round(time.time() - started, 3),
+        "prior": bool(prior), "seconds": round(time.time() - started, 3), "main_process": accelerator.is_main_process,
     }
     if step < cfg.max_steps:
-        log.info(f"train: stopped at step {step} of {cfg.max_steps}; continue with --resume latest")
         return {**result, "state": "partial"}
 
     if main:
