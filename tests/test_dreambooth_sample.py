@@ -115,3 +115,15 @@ def test_prompts_file_and_bad_input(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
     assert invoke("sample", root, "--name", "base", "--prompts-file", empty, "--base").exit_code == 2
+
+
+def test_base_sampling_uses_the_run_base_model(tmp_path):
+    root = make_project(tmp_path / "p")  # project default: tiny
+    photos = make_photos(tmp_path / "photos", 1)
+    ok(*train_args(root, "v", photos, "--model", "tiny-v", "--mode", "lora", steps=1))
+    ok("sample", root, "--name", "v", "--prompt", PROMPT, "--num-images", "1", "--steps", "2", "--base")
+    manifest = json.loads((run_dir(root, "v") / "samples-base" / "manifest.json").read_text())
+    assert manifest["model"] == "tiny-v"
+    ok("sample", root, "--name", "v", "--prompt", PROMPT, "--num-images", "1", "--steps", "2")
+    manifest = json.loads((run_dir(root, "v") / "samples" / "manifest.json").read_text())
+    assert manifest["model"] == "tiny-v" and manifest["lora"]

@@ -166,7 +166,8 @@ def test_full_weights_load_with_from_pretrained_and_match_training(db):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from vfx.dreambooth.data import ImageSet, list_images, read_images
-    from vfx.dreambooth.train import Conditioning, Latents, eval_loss, eval_set
+    from vfx.dreambooth.encoding import Conditioning, Latents
+    from vfx.dreambooth.evaluate import eval_loss, eval_set
 
     root, photos, _ = db
     ok(*train_args(root, "full", photos, "--train-text-encoder", steps=2))

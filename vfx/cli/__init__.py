@@ -41,7 +41,8 @@ def _global(
     log.set_quiet(quiet)
 
 
-from vfx.cli import dreambooth_cmds, project_cmds, video_cmds  # noqa: E402,F401  (registers the commands)
+from vfx.cli import project_cmds, video_cmds  # noqa: E402,F401  (registers the commands)
+from vfx.cli import dreambooth_cmds  # noqa: E402,F401
 
 
 def main() -> None:

@@ -101,7 +101,8 @@ def train_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the model on a subject (DreamBooth) into dreambooth/NAME/weights/, with checkpoints and exact resume."""
-    from vfx.dreambooth.train import TrainConfig, train
+    from vfx.dreambooth.config import TrainConfig
+    from vfx.dreambooth.train import train
 
     settings = settings_for(root, model, device, None, None, force, allow_pickle, model_config)
     cfg = TrainConfig(
@@ -141,7 +142,7 @@ def sample_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
     size: SizeOpt = None,
     negative_prompt: NegativeOpt = "",
-    base: Annotated[bool, typer.Option("--base", help="Sample the base model (--model) instead of the run's weights, into samples-base/.")] = False,
+    base: Annotated[bool, typer.Option("--base", help="Sample the base model (the run's, or --model) instead of the run's weights, into samples-base/.")] = False,
     lora: Annotated[Path | None, typer.Option("--lora", help="Sample --model with this LoRA file instead of the run's weights.", show_default=False)] = None,
     lora_scale: Annotated[float, typer.Option("--lora-scale", help="LoRA strength (0: the base model).")] = 1.0,
     model: ModelOpt = None,
@@ -160,7 +161,7 @@ def sample_cmd(
     settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
     result = sample(settings, name, prompts, num_images, steps=steps, guidance=guidance, seed=seed,
                     batch_size=batch_size, negative_prompt=negative_prompt, size=size, base=base, lora=lora,
-                    lora_scale=lora_scale)
+                    lora_scale=lora_scale, model_given=model is not None)
     report(result, as_json)
     if result.get("state") == "complete" and not as_json:
         emit(result, False, f"grid: {result['grid']}")

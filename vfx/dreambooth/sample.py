@@ -41,10 +41,13 @@ def image_name(prompt_index: int, image_index: int) -> str:
     return f"{prompt_index:03d}-{image_index:03d}.png"
 
 
-def choose_model(settings: Settings, run_dir: Path, name: str, base: bool, lora: Path | None):
+def choose_model(settings: Settings, run_dir: Path, name: str, base: bool, lora: Path | None, model_given: bool):
     """(model, LoRA file or None, upstream inputs, default size, output folder) for this sampling."""
     if base:
-        return settings.model, None, {}, None, run_dir / "samples-base"
+        # The run's own base model, unless --model names another.
+        info = read_json(run_dir / "weights" / INFO_FILE) or {}
+        model = settings.model if model_given or not info else resolve_model(info["base_model_spec"])
+        return model, None, {}, info.get("resolution"), run_dir / "samples-base"
     if lora is not None:
         return settings.model, lora_file(lora), {}, None, run_dir / "samples"
     root = shlex.quote(str(settings.project.root))
@@ -76,6 +79,7 @@ def sample(
     base: bool = False,
     lora: Path | None = None,
     lora_scale: float = 1.0,
+    model_given: bool = False,
 ) -> dict:
     if not prompts:
         raise BadInput("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
@@ -86,7 +90,7 @@ def sample(
     if base and lora is not None:
         raise BadInput("--base and --lora cannot be combined")
     run_dir = run_folder(settings.project, name)
-    model, lora_path, inputs, trained_size, folder = choose_model(settings, run_dir, name, base, lora)
+    model, lora_path, inputs, trained_size, folder = choose_model(settings, run_dir, name, base, lora, model_given)
     use = Settings(settings.project, model, settings.device, settings.dtype, settings.shard, settings.force)
     tokenizer = load_tokenizer(use)
     for prompt in prompts:

@@ -10,12 +10,10 @@ retraces an uninterrupted one exactly.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,116 +21,24 @@ import torch
 
 from vfx import log
 from vfx.errors import BadInput, MissingStage
-from vfx.fsutil import atomic_write_text
-from vfx.models import load_pipeline
 from vfx.media import read_image
+from vfx.models import load_pipeline
 from vfx.stage import StageFolder, StageRun
 from vfx.stages.common import Settings, up_to_date_result
 from vfx.dreambooth import checkpoint
+from vfx.dreambooth.config import PRECISIONS, TrainConfig
 from vfx.dreambooth.data import (
     ExampleOrder, ImageSet, check_prompt, files_identity, identifier_problem, list_images, read_images, run_folder,
 )
-from vfx.dreambooth.images import generate, native_resolution, write_png
+from vfx.dreambooth.encoding import Conditioning, Latents
+from vfx.dreambooth.evaluate import METRICS, Metrics, eval_loss, eval_set, validate
+from vfx.dreambooth.images import native_resolution
 from vfx.dreambooth.objective import dreambooth_loss, draw_noise, draw_timesteps, prediction_target, snr_weights
 from vfx.dreambooth.regularize import FOLDER as CLASS_FOLDER, class_images
 from vfx.dreambooth.weights import save_full, save_lora, write_info
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# Reference defaults (diffusers' DreamBooth scripts): full fine-tuning is gentle, LoRA is not.
-DEFAULT_LR = {"full": 5e-6, "lora": 1e-4}
-DEFAULT_STEPS = {"full": 400, "lora": 500}
-METRICS = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Every option of `vfx train`; None means 'the default for this mode or model'."""
-
-    name: str
-    instance_dir: Path
-    instance_prompt: str
-    class_prompt: str | None = None
-    class_dir: Path | None = None
-    prior_loss_weight: float = 1.0
-    identifier: str | None = None
-    mode: str = "full"
-    rank: int = 4
-    lora_dropout: float = 0.0
-    train_text_encoder: bool = False
-    learning_rate: float | None = None
-    text_encoder_lr: float | None = None
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_steps: int | None = None
-    batch_size: int = 1
-    resolution: int | None = None
-    random_crop: bool = False
-    flip: bool = False
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    snr_gamma: float | None = None
-    offset_noise: float = 0.0
-    max_grad_norm: float = 1.0
-    weight_decay: float = 1e-2
-    seed: int | None = None
-    checkpoint_every: int = 100
-    keep: int = 2
-    resume: str | None = None
-    stop_after: int | None = None
-    validation_prompt: str | None = None
-    validation_every: int | None = None
-    validation_images: int = 2
-    validation_steps: int = 25
-    eval_pairs: int = 4
-
-    def resolved(self, native: int, project_seed: int, device: torch.device) -> "TrainConfig":
-        """Defaults filled in and every value checked (BadInput on the first bad one)."""
-        if self.mode not in DEFAULT_LR:
-            raise BadInput(f"invalid --mode {self.mode!r}: use full or lora")
-        lr = self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.mode]
-        cfg = replace(
-            self,
-            learning_rate=lr,
-            text_encoder_lr=self.text_encoder_lr if self.text_encoder_lr is not None else lr,
-            max_steps=self.max_steps if self.max_steps is not None else DEFAULT_STEPS[self.mode],
-            resolution=self.resolution or native,
-            seed=int(project_seed if self.seed is None else self.seed),
-            validation_every=self.validation_every or self.checkpoint_every,
-        )
-        checks = [
-            (cfg.rank >= 1, f"--rank {cfg.rank}: must be at least 1"),
-            (0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)"),
-            (cfg.learning_rate > 0 and cfg.text_encoder_lr > 0, "learning rates must be positive"),
-            (cfg.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler {cfg.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}"),
-            (cfg.lr_warmup_steps >= 0, f"--lr-warmup-steps {cfg.lr_warmup_steps}: must be 0 or more"),
-            (cfg.max_steps >= 1, f"--max-steps {cfg.max_steps}: must be at least 1"),
-            (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be at least 1"),
-            (cfg.resolution >= 8 and cfg.resolution % 8 == 0, f"--resolution {cfg.resolution}: must be a positive multiple of 8"),
-            (cfg.mixed_precision in PRECISIONS, f"--mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16"),
-            (not (cfg.mixed_precision == "fp16" and device.type == "cpu"), "--mixed-precision fp16 needs a GPU; use bf16 or no on CPU"),
-            (cfg.snr_gamma is None or cfg.snr_gamma > 0, f"--snr-gamma {cfg.snr_gamma}: must be positive"),
-            (cfg.offset_noise >= 0, f"--offset-noise {cfg.offset_noise}: must be 0 or more"),
-            (cfg.prior_loss_weight >= 0, f"--prior-loss-weight {cfg.prior_loss_weight}: must be 0 or more"),
-            (cfg.max_grad_norm >= 0, f"--max-grad-norm {cfg.max_grad_norm}: must be 0 (off) or more"),
-            (cfg.checkpoint_every >= 1, f"--checkpoint-every {cfg.checkpoint_every}: must be at least 1"),
-            (cfg.keep >= 1, f"--keep {cfg.keep}: must be at least 1"),
-            (cfg.stop_after is None or cfg.stop_after >= 1, f"--stop-after {cfg.stop_after}: must be at least 1"),
-            (cfg.validation_images >= 1 and cfg.validation_steps >= 1, "validation needs at least 1 image and 1 step"),
-            (cfg.eval_pairs >= 0, f"--eval-pairs {cfg.eval_pairs}: must be 0 (off) or more"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise BadInput(f"invalid {message}")
-        return cfg
-
-    def weight_params(self) -> dict:
-        """The options that change the trained weights: the fingerprint (bookkeeping options excluded)."""
-        skip = {"name", "instance_dir", "class_dir", "identifier", "checkpoint_every", "keep", "resume", "stop_after",
-                "validation_prompt", "validation_every", "validation_images", "validation_steps", "eval_pairs"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 @dataclass
@@ -264,174 +170,6 @@ def enable_text_checkpointing(text_encoder) -> None:
         text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-@torch.no_grad()
-def posterior(vae, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior (mean, std) of [n, 3, r, r] pixels, in batches."""
-    means, stds = [], []
-    for start in range(0, len(pixels), batch):
-        dist = vae.encode(pixels[start : start + batch].to(vae.device, vae.dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    return torch.cat(means), torch.cat(stds)
-
-
-class Latents:
-    """Training latents of one image set: posterior samples, from cached posteriors when pixels are fixed."""
-
-    def __init__(self, images: ImageSet | None, vae, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.images, self.vae = images, vae
-        self.scale = float(vae.config.scaling_factor)
-        if cache is None and images.fixed:
-            cache = posterior(vae, images.fixed_pixels())
-        self.cache = cache
-
-    @classmethod
-    def from_files(cls, files: list[Path], resolution: int, vae, batch: int = 8) -> "Latents":
-        """Cached posteriors of centre-cropped images, decoded a few at a time (hundreds of class
-        images would not fit in memory as pixels)."""
-        means, stds = [], []
-        for start in range(0, len(files), batch):
-            chunk = ImageSet.from_arrays(read_images(files[start : start + batch]), resolution)
-            mean, std = posterior(vae, chunk.fixed_pixels())
-            means.append(mean)
-            stds.append(std)
-        return cls(None, vae, (torch.cat(means), torch.cat(stds)))
-
-    def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
-        if self.cache is not None:
-            mean, std = self.cache[0][indices], self.cache[1][indices]
-        else:
-            mean, std = posterior(self.vae, torch.stack([self.images.pixels(i, generator) for i in indices]))
-        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
-        return (mean + std * eps) * self.scale
-
-
-def tokenize(tokenizer, prompt: str) -> torch.Tensor:
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
-class Conditioning:
-    """Text embeddings for a batch of instance then class examples; computed once when the encoder is frozen."""
-
-    def __init__(self, text_encoder, tokenizer, prompts: list[str], trained: bool):
-        self.text_encoder, self.trained = text_encoder, trained
-        device = next(text_encoder.parameters()).device
-        self.ids = [tokenize(tokenizer, p).to(device) for p in prompts]
-        self.cached = None if trained else [self.encode(ids) for ids in self.ids]
-
-    def encode(self, ids: torch.Tensor, encoder=None) -> torch.Tensor:
-        with torch.set_grad_enabled(self.trained and torch.is_grad_enabled()):
-            return (encoder or self.text_encoder)(ids)[0]
-
-    def batch(self, counts: list[int], encoder=None) -> torch.Tensor:
-        if self.cached is not None:
-            return torch.cat([e.expand(n, -1, -1) for e, n in zip(self.cached, counts) if n])
-        ids = torch.cat([i.expand(n, -1) for i, n in zip(self.ids, counts) if n])
-        return self.encode(ids, encoder)
-
-
-# ---------------------------------------------------------------- evaluation and validation
-
-
-def eval_set(latents: Latents, pairs: int, seed: int, num_timesteps: int):
-    """A fixed set of (clean latent, noise, timestep) triples: each instance image at `pairs` spread timesteps."""
-    mean = latents.cache[0] if latents.cache is not None else posterior(latents.vae, latents.images.fixed_pixels())[0]
-    clean = (mean * latents.scale).repeat_interleave(pairs, dim=0)
-    generator = torch.Generator().manual_seed(seed + 7919)  # its own stream: training randomness is untouched
-    noise = torch.randn(clean.shape, generator=generator).to(clean.device)
-    steps = torch.tensor([int((k + 0.5) * num_timesteps / pairs) for k in range(pairs)]).repeat(len(mean))
-    return clean, noise, steps.to(clean.device)
-
-
-@torch.no_grad()
-def eval_loss(unet, conditioning: Conditioning, text_encoder, noise_scheduler, fixed, autocast=contextlib.nullcontext) -> float:
-    """Mean instance MSE over the fixed evaluation set (eval mode, no dropout)."""
-    clean, noise, steps = fixed
-    was_training = text_encoder.training
-    unet.eval()
-    text_encoder.eval()
-    total = 0.0
-    with autocast():
-        for start in range(0, len(clean), 8):
-            x0, eps, t = clean[start : start + 8], noise[start : start + 8], steps[start : start + 8]
-            cond = conditioning.batch([len(x0), 0], text_encoder)
-            pred = unet(noise_scheduler.add_noise(x0, eps, t), t, cond).sample
-            target = prediction_target(noise_scheduler, x0, eps, t)
-            total += float(((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).sum())
-    unet.train()
-    text_encoder.train(was_training)
-    return total / len(clean)
-
-
-def validate(pipe, unet, text_encoder, cfg: TrainConfig, step: int, folder: Path, accelerator) -> list[str]:
-    """Sample the validation prompt with the current weights; the training RNGs are left as they were."""
-    from diffusers import StableDiffusionPipeline
-
-    saved = checkpoint.rng_state()
-    sampler = StableDiffusionPipeline(
-        vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet, scheduler=pipe.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    sampler.set_progress_bar_config(disable=True)
-    was_training = text_encoder.training
-    unet.eval()
-    text_encoder.eval()
-    with accelerator.autocast():
-        images = generate(sampler, [cfg.validation_prompt] * cfg.validation_images,
-                          [cfg.seed + i for i in range(cfg.validation_images)], steps=cfg.validation_steps,
-                          guidance=7.5, width=cfg.resolution, height=cfg.resolution)
-    unet.train()
-    text_encoder.train(was_training)
-    checkpoint.set_rng_state(*saved)
-    out = folder / f"step-{step:06d}"
-    paths = []
-    for index, image in enumerate(images):
-        path = out / f"{index:02d}.png"
-        write_png(path, image, {"prompt": cfg.validation_prompt, "seed": cfg.seed + index, "step": step})
-        paths.append(str(path))
-    return paths
-
-
-# ---------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """metrics.jsonl (and TensorBoard when it is installed), written by the main process only."""
-
-    def __init__(self, path: Path, active: bool, resume_step: int | None):
-        self.path, self.active, self.board = path, active, None
-        if not active:
-            return
-        kept = []
-        if resume_step is not None and path.is_file():
-            # Lines after the checkpoint belong to steps the resumed run will redo.
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(str(path.parent / "tensorboard"))
-        except ImportError:
-            pass
-
-    def write(self, record: dict) -> None:
-        if not self.active:
-            return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
-        if self.board is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.board.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-
-
 # ---------------------------------------------------------------- the run
 
 
