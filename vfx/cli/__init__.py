@@ -42,7 +42,7 @@ def _global(
 
 
 from vfx.cli import project_cmds, video_cmds  # noqa: E402,F401  (registers the commands)
-from vfx.cli import metrics_cmds  # noqa: E402,F401
+from vfx.cli import dreambooth_cmds, metrics_cmds  # noqa: E402,F401
 
 
 def main() -> None:

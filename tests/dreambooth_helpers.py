@@ -1,0 +1,82 @@
+"""Shared pieces of the DreamBooth tests: generated subject photos, projects, CLI argument lists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import image_folder, invoke, textured
+
+PROMPT = "a photo of zwx dog"
+CLASS_PROMPT = "a photo of a dog"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch/OpenMP thread here and in subprocesses: on a shared, busy CPU, OpenMP threads that spin
+    while waiting for each other make the tiny model's calls ~100x slower (measured: 2 s vs 0.02 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
+def make_photos(folder: Path, count: int = 3) -> Path:
+    """Non-square textured images (so cropping matters), a stand-in for subject photos."""
+    frames = [np.ascontiguousarray(textured(80, seed)[:, :72]) for seed in range(count)]
+    return image_folder(folder, frames)
+
+
+def make_project(root: Path, model: str = "tiny") -> Path:
+    result = invoke("init", root, "--model", model)
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def ok(*args):
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def train_args(root: Path, name: str, photos: Path, *extra: str, steps: int = 4) -> list:
+    return ["train", root, "--name", name, "--instance-dir", photos, "--instance-prompt", PROMPT,
+            "--max-steps", str(steps), "--checkpoint-every", "2", "--learning-rate", "1e-3", *extra]
+
+
+def run_dir(root: Path, name: str) -> Path:
+    return root / "dreambooth" / name
+
+
+def metrics(root: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir(root, name) / "metrics.jsonl").read_text().splitlines()]
+
+
+def trained_tensors(root: Path, name: str) -> dict[str, torch.Tensor]:
+    """The run's inference weights: the UNet of a full run, or the LoRA file."""
+    weights = run_dir(root, name) / "weights"
+    lora = weights / "pytorch_lora_weights.safetensors"
+    if lora.is_file():
+        return load_file(str(lora))
+    tensors = load_file(str(weights / "unet" / "diffusion_pytorch_model.safetensors"))
+    text = weights / "text_encoder" / "model.safetensors"
+    tensors.update({f"text_encoder.{k}": v for k, v in load_file(str(text)).items()})
+    return tensors
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def file_states(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under `folder`: to show nothing was rewritten."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
