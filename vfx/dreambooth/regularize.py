@@ -89,7 +89,7 @@ def regularize(
 
     pending = run.start(create)
 
-    def work(unit: int):
+    def work(unit: int, bar):
         start, end = ranges[unit]
         seeds = [seed + i for i in range(start, end)]
         images = generate(settings.pipeline(), [class_prompt] * (end - start), seeds, steps=steps, guidance=guidance,

@@ -123,7 +123,7 @@ def sample(
             apply_lora(pipe, lora_path, lora_scale)
             log.info(f"sample: LoRA {lora_path} at scale {lora_scale}")
 
-    def work(unit: int):
+    def work(unit: int, bar):
         start, end = ranges[unit]
         cells = [divmod(i, num_images) for i in range(start, end)]
         images = generate(use.pipeline(), [prompts[p] for p, _ in cells], [seed + j for _, j in cells], steps=steps,

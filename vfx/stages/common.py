@@ -77,11 +77,15 @@ def run_units(
     label: str,
     steps_per_unit: int = 0,
     unit_name: str = "chunks",
+    on_start: Callable[[], object] | None = None,
 ) -> int:
     """Run `work(unit, bar)` for each pending unit, marking each done with a checksum of what it wrote.
 
     With `steps_per_unit`, the bar counts those steps (work advances it); else it counts units.
+    `on_start` (e.g. loading the model) runs first, only when there is work, outside the bar's timing.
     """
+    if pending and on_start:
+        on_start()
     total = len(pending) * steps_per_unit if steps_per_unit else len(pending)
     with log.progress(label, total, unit_name) as bar:
         for unit in pending:

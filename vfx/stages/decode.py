@@ -92,7 +92,7 @@ def decode(settings: Settings, edit: str | None = None, batch_size: int = 4, png
                 Image.fromarray(frame).save(png_dir / f"{index:05d}.png")
         return {"frames": written, "fps": str(fps), "video": str(folder / "video.mp4")}
 
-    computed = run_units(run, pending, work, f"decode {name}")
+    computed = run_units(run, pending, work, f"decode {name}", on_start=settings.pipeline)
     complete = run.finish(finalize)
     if complete:
         log.info(f"decode: {count} frames -> {folder / 'video.mp4'}")

@@ -63,5 +63,5 @@ def encode(settings: Settings, batch_size: int = 4) -> dict:
         latents[start:end] = result
         return [result]
 
-    computed = run_units(run, pending, work, "encode")
+    computed = run_units(run, pending, work, "encode", on_start=settings.pipeline)
     return outcome(run, run.finish(), computed)
