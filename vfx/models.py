@@ -22,7 +22,7 @@ from vfx import log
 from vfx.errors import BadInput
 from vfx.fsutil import file_lock
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 TINY_NAMES = ("tiny", "tiny-v")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -93,6 +93,7 @@ def build_tiny(folder: Path, variant: str = "tiny") -> Path:
         sample_size=64,
         scaling_factor=0.18215,
     )
+    vae.register_to_config(scaling_factor=unit_variance_scale(vae))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -118,6 +119,17 @@ def build_tiny(folder: Path, variant: str = "tiny") -> Path:
     controlnet.save_pretrained(folder / "controlnet")
     (folder / "VFX_TINY_MODEL").write_text(f"{variant} {TINY_VERSION}\n")
     return folder
+
+
+@torch.no_grad()
+def unit_variance_scale(vae) -> float:
+    """SD's rule for the latent scaling factor: 1 / std of the posterior means of typical images
+    (smooth random textures here), so that latents have unit variance as the noise schedule assumes."""
+    generator = torch.Generator().manual_seed(4)
+    coarse = torch.rand(8, 3, 8, 8, generator=generator)
+    images = torch.nn.functional.interpolate(coarse, size=64, mode="bicubic", align_corners=False).clamp(0, 1)
+    means = vae.encode(images * 2 - 1).latent_dist.mean
+    return round(1.0 / float(means.std()), 5)
 
 
 def tiny_model_dir(variant: str = "tiny") -> Path:
