@@ -130,6 +130,17 @@ def normalise(tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(tokens, dim=-1)
 
 
+def _match(frames: torch.Tensor, keyframe_tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[m, L] index of each frame token's most similar token in its keyframe (cosine similarity)."""
+    return torch.bmm(frames, keyframe_tokens[slots].transpose(1, 2)).argmax(dim=-1)
+
+
+def _gather(keyframe_out: torch.Tensor, slots: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[3, m, L, C]: the keyframe outputs at the matched tokens, for every branch."""
+    picked = keyframe_out[:, slots]  # [3, m, L, C]
+    return torch.gather(picked, 2, index[None, :, :, None].expand(picked.shape[0], -1, -1, picked.shape[-1]))
+
+
 def propagate(state: TokenFlowState, name: str, hidden: torch.Tensor) -> torch.Tensor:
     """[3m, L, C] -> matched, blended keyframe outputs for the m frames of the batch."""
     m = hidden.shape[0] // 3
@@ -137,19 +148,17 @@ def propagate(state: TokenFlowState, name: str, hidden: torch.Tensor) -> torch.T
     keyframe_tokens = state.source_tokens[name]  # [K, L, C], normalised
     keyframe_out = state.outputs[name]  # [3, K, L, C]
     frames = normalise(hidden[:m])
-    result = torch.empty((3, m) + hidden.shape[1:], dtype=keyframe_out.dtype, device=hidden.device)
-    matched = []
-    for i in range(m):
-        a, b, w = int(plan.slot_a[i]), int(plan.slot_b[i]), float(plan.weight_a[i])
-        index_a = (frames[i] @ keyframe_tokens[a].T).argmax(dim=-1)
-        blended = keyframe_out[:, a, index_a] * w if w != 0 else 0
-        if w != 1.0:
-            index_b = index_a if b == a else (frames[i] @ keyframe_tokens[b].T).argmax(dim=-1)
-            blended = blended + keyframe_out[:, b, index_b] * (1.0 - w)
-        result[:, i] = blended
-        matched.append(index_a)
+    slot_a, slot_b = plan.slot_a.to(hidden.device), plan.slot_b.to(hidden.device)
+    index_a = _match(frames, keyframe_tokens, slot_a)
+    result = _gather(keyframe_out, slot_a, index_a)
+    blend = plan.slot_a != plan.slot_b  # frames between two distinct keyframes
+    if blend.any():
+        rows = blend.nonzero().squeeze(1).to(hidden.device)
+        index_b = _match(frames[rows], keyframe_tokens, slot_b[rows])
+        weight = plan.weight_a[blend].to(hidden.device, keyframe_out.dtype).view(1, -1, 1, 1)
+        result[:, rows] = weight * result[:, rows] + (1 - weight) * _gather(keyframe_out, slot_b[rows], index_b)
     if state.trace is not None:
-        state.trace.setdefault(name, []).append(torch.stack(matched))
+        state.trace.setdefault(name, []).append(index_a)
     return result.reshape(3 * m, *hidden.shape[1:])
 
 

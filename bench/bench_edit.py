@@ -1,0 +1,98 @@
+"""TokenFlow edit: time, peak RSS and overhead over bare UNet evaluations, for 16, 64 and 256 frames,
+against a naive per-frame PnP edit (every frame through the UNet with PnP injection, no keyframes,
+no propagation) as a baseline.
+
+overhead = edit time / (UNet frame-evaluations the method needs x time of one bare frame-evaluation
+at the same batch size, measured in the same process). TokenFlow needs 3N frame-evaluations per
+step (keyframes once, every other frame once); so does the baseline. Tiny model, 64 px, CPU.
+
+    python bench/bench_edit.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import in_child, make_project, peak_rss_mb, settings, table, timed, unet_seconds_per_frame, worker_config  # noqa: E402
+
+COUNTS = (16, 64, 256)
+STEPS, FRAME_BATCH = 4, 8
+
+
+def naive_pnp(s, prompt: str) -> int:
+    """Per-frame PnP over the same inverted latents: returns UNet frame-evaluations."""
+    import numpy as np
+    import torch
+
+    from vfx.diffusion.attention import TokenFlowState, install, uninstall
+    from vfx.diffusion.ddim import Schedule
+    from vfx.diffusion.text import encode_prompt
+    from vfx.diffusion.tokenflow import Embeddings, TokenFlowEditor
+    from vfx.store import chunk_ranges, open_array
+
+    pipe = s.pipeline()
+    schedule = Schedule.from_pipeline(pipe)
+    trajectory = open_array(s.folder("inversion", "trajectory.zarr"))
+    saved = list(trajectory.attrs["timesteps"])
+    timesteps = schedule.timesteps(STEPS)
+    frames = trajectory.shape[1]
+    state = TokenFlowState(mode="plain", inject_attention=True, inject_conv=True)
+    embeddings = Embeddings(encode_prompt(pipe, ""), encode_prompt(pipe, ""), encode_prompt(pipe, prompt))
+    editor = TokenFlowEditor(pipe.unet, schedule, state, embeddings, 7.5, "distance", 8, s.device, FRAME_BATCH)
+    latents = np.asarray(trajectory[saved.index(timesteps[0])])
+    installed = install(pipe.unet, state)
+    try:
+        with torch.no_grad():
+            for i, t in enumerate(timesteps):
+                prev = timesteps[i + 1] if i + 1 < STEPS else None
+                for start, end in chunk_ranges(frames, FRAME_BATCH):
+                    x = torch.from_numpy(latents[start:end])
+                    source = torch.from_numpy(np.asarray(trajectory[saved.index(t), start:end]))
+                    latents[start:end] = schedule.denoise_step(editor.branches(source, x, t), x, t, prev).numpy()
+    finally:
+        uninstall(pipe.unet, installed)
+    return editor.unet_frames
+
+
+def worker(config: dict) -> dict:
+    from vfx.stages.edit import edit
+    from vfx.stages.encode import encode
+    from vfx.stages.invert import invert
+
+    frames = config["frames"]
+    s = settings(make_project(frames))
+    encode(s, 8)
+    invert(s, STEPS, STEPS, "", 8, False)
+    per_frame = unet_seconds_per_frame(s.pipeline(), 3 * FRAME_BATCH, 64)
+    if config["method"] == "naive":
+        seconds, evaluations = timed(naive_pnp, s, "a red robot")
+    else:
+        seconds, result = timed(edit, s, "a red robot", "bench", steps=STEPS, frame_batch=FRAME_BATCH)
+        evaluations = result["unet_frame_evaluations"]
+    assert evaluations == 3 * frames * STEPS
+    return {"seconds": seconds, "overhead": seconds / (evaluations * per_frame), "rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    rows, rss = [], {}
+    for method in ("tokenflow", "naive"):
+        for n in COUNTS:
+            r = in_child(__file__, {"frames": n, "method": method})
+            rss[(method, n)] = r["rss_mb"]
+            rows.append([method, n, r["seconds"], r["overhead"], r["rss_mb"]])
+    print(table(f"edit ({STEPS} steps), tiny model, 64 px, CPU",
+                ["method", "frames", "seconds", "time / bare UNet", "peak RSS MB"], rows))
+    ratio = rss[("tokenflow", COUNTS[-1])] / rss[("tokenflow", COUNTS[0])]
+    print(f"\ntokenflow peak RSS {COUNTS[-1]} / {COUNTS[0]} frames: {ratio:.2f} (bound 1.5)")
+
+
+if __name__ == "__main__":
+    config = worker_config()
+    if config is not None:
+        import json
+
+        print(json.dumps(worker(config)))
+    else:
+        main()
