@@ -9,7 +9,8 @@ one `TokenFlowState`, which the edit loop switches between passes:
   branch's input tokens and every branch's outputs are cached per layer.
 - "propagate": no attention. Each frame's tokens are matched (cosine similarity of the source
   branch's input tokens, argmax) to its neighbouring keyframes' tokens, and the output is the
-  matched keyframe outputs blended by the frame's weights.
+  matched keyframe outputs blended by the frame's weights. Correspondences given from outside
+  (optical flow) take the place of the matching wherever they are defined.
 - "plain": per-frame attention in every branch (the naive per-frame PnP baseline).
 
 Plug-and-play injection replaces the edit branches' queries and keys by the source branch's in the
@@ -33,6 +34,10 @@ class Neighbours:
     slot_a: torch.Tensor  # [m] long
     slot_b: torch.Tensor  # [m] long
     weight_a: torch.Tensor  # [m] float
+    # Optional given correspondences per frame: tokens per layer -> [L] index into keyframe a's (b's) tokens,
+    # -1 where none is given (those tokens are matched by features).
+    given_a: list[dict[int, torch.Tensor]] | None = None
+    given_b: list[dict[int, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -130,6 +135,22 @@ def normalise(tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(tokens, dim=-1)
 
 
+def nearest(tokens: torch.Tensor, keyframe_tokens: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+    """[L] index of each token's match among a keyframe's tokens: the given index where there is one,
+    else the most cosine-similar keyframe token (both sides are normalised)."""
+    if given is None:
+        return (tokens @ keyframe_tokens.T).argmax(dim=-1)
+    index = given.to(tokens.device, copy=True)
+    missing = index < 0
+    if missing.any():
+        index[missing] = (tokens[missing] @ keyframe_tokens.T).argmax(dim=-1)
+    return index
+
+
+def _given(maps: list[dict[int, torch.Tensor]] | None, i: int, length: int) -> torch.Tensor | None:
+    return maps[i].get(length) if maps is not None else None
+
+
 def propagate(state: TokenFlowState, name: str, hidden: torch.Tensor) -> torch.Tensor:
     """[3m, L, C] -> matched, blended keyframe outputs for the m frames of the batch."""
     m = hidden.shape[0] // 3
@@ -139,12 +160,13 @@ def propagate(state: TokenFlowState, name: str, hidden: torch.Tensor) -> torch.T
     frames = normalise(hidden[:m])
     result = torch.empty((3, m) + hidden.shape[1:], dtype=keyframe_out.dtype, device=hidden.device)
     matched = []
+    length = hidden.shape[1]
     for i in range(m):
         a, b, w = int(plan.slot_a[i]), int(plan.slot_b[i]), float(plan.weight_a[i])
-        index_a = (frames[i] @ keyframe_tokens[a].T).argmax(dim=-1)
+        index_a = nearest(frames[i], keyframe_tokens[a], _given(plan.given_a, i, length))
         blended = keyframe_out[:, a, index_a] * w if w != 0 else 0
         if w != 1.0:
-            index_b = index_a if b == a else (frames[i] @ keyframe_tokens[b].T).argmax(dim=-1)
+            index_b = index_a if b == a else nearest(frames[i], keyframe_tokens[b], _given(plan.given_b, i, length))
             blended = blended + keyframe_out[:, b, index_b] * (1.0 - w)
         result[:, i] = blended
         matched.append(index_a)
