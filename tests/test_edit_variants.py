@@ -52,7 +52,7 @@ def record(root: Path, name: str) -> dict:
     return json.loads((root / "edits" / name / "stage.json").read_text())
 
 
-def bad(root: Path, *args) -> str:
+def bad(*args) -> str:
     """Run a command that must be refused: exit 2 with one line of explanation."""
     result = invoke(*args)
     assert result.exit_code == 2, result.output
@@ -127,13 +127,13 @@ def test_sdedit_at_one_is_pnp_without_injection(project):
 
 
 def test_method_options_are_checked(project):
-    bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--start", "0.5")
-    bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--fresh-noise")
-    bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--method", "sdedit", "--pnp-f-t", "0.5")
-    bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--method", "sdedit", "--start", "1.5")
-    bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--method", "ddim")
-    bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--control-scale", "2")
-    bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--lora-scale", "2")
+    bad("edit", project, "--prompt", "x", "--steps", STEPS, "--start", "0.5")
+    bad("edit", project, "--prompt", "x", "--steps", STEPS, "--fresh-noise")
+    bad("edit", project, "--prompt", "x", "--steps", STEPS, "--method", "sdedit", "--pnp-f-t", "0.5")
+    bad("edit", project, "--prompt", "x", "--steps", STEPS, "--method", "sdedit", "--start", "1.5")
+    bad("edit", project, "--prompt", "x", "--steps", STEPS, "--method", "ddim")
+    bad("edit", project, "--prompt", "x", "--steps", STEPS, "--control-scale", "2")
+    bad("edit", project, "--prompt", "x", "--steps", STEPS, "--lora-scale", "2")
     assert not (project / "edits" / "x").exists()
 
 
@@ -190,21 +190,22 @@ def test_canny_control_edit(project, tmp_path):
 def test_bad_controlnets(project, tmp_path):
     from diffusers import ControlNetModel
 
+    from vfx.models import tiny_model_dir
+
     other = ControlNetModel(block_out_channels=(16, 32, 32, 32), layers_per_block=2, cross_attention_dim=32,
                             attention_head_dim=4, norm_num_groups=8, conditioning_embedding_out_channels=(8, 16, 32, 32))
     other.save_pretrained(tmp_path / "other")
-    message = bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--name", "cn",
+    message = bad("edit", project, "--prompt", "x", "--steps", STEPS, "--name", "cn",
                   "--control", "canny", "--control-model", tmp_path / "other")
     assert "does not match" in message and "block_out_channels" in message
-    message = bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--name", "cn",
+    message = bad("edit", project, "--prompt", "x", "--steps", STEPS, "--name", "cn",
                   "--control", "canny", "--control-model", tmp_path / "missing")
-    from vfx.models import tiny_model_dir
-
+    assert "no such folder" in message
     # A real (non-tiny) model has no default ControlNet.
-    message = bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--name", "cn", "--control", "canny",
+    message = bad("edit", project, "--prompt", "x", "--steps", STEPS, "--name", "cn", "--control", "canny",
                   "--model", tiny_model_dir())
     assert "--control-model" in message
-    bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--name", "cn", "--control", "depth")
+    bad("edit", project, "--prompt", "x", "--steps", STEPS, "--name", "cn", "--control", "depth")
     assert not (project / "edits" / "cn").exists()
 
 
@@ -300,10 +301,10 @@ def test_flow_correspondences_match_features_on_a_translation():
 
 
 def test_flow_correspondence_edit(project):
-    message = bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--name", "fl", "--correspondence", "flow")
+    message = bad("edit", project, "--prompt", "x", "--steps", STEPS, "--name", "fl", "--correspondence", "flow")
     assert f"vfx flow {project}" in message
     assert not (project / "edits" / "fl").exists()
-    bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--correspondence", "optical")
+    bad("edit", project, "--prompt", "x", "--steps", STEPS, "--correspondence", "optical")
     assert invoke("flow", project).exit_code == 0
     run_edit(project, "fl", "--correspondence", "flow", "--batch-size", "3")
     run_edit(project, "ft", "--batch-size", "3")
@@ -355,6 +356,6 @@ def test_lora_scale_zero_is_the_base_model(project, tmp_path):
     assert record(project, "lora1")["params"]["lora"]["identity"] != one["params"]["lora"]["identity"]
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")
-    bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--name", "lx", "--lora", garbage)
-    bad(project, "edit", project, "--prompt", "x", "--steps", STEPS, "--name", "lx", "--lora", tmp_path / "none")
+    bad("edit", project, "--prompt", "x", "--steps", STEPS, "--name", "lx", "--lora", garbage)
+    bad("edit", project, "--prompt", "x", "--steps", STEPS, "--name", "lx", "--lora", tmp_path / "none")
     assert not (project / "edits" / "lx").exists()
