@@ -18,8 +18,12 @@ fi
 "$VFX" invert "$DIR" --steps 50 --save-steps 25
 "$VFX" flow "$DIR"
 "$VFX" edit "$DIR" --name statue --prompt "a marble statue running" --steps 25
+# The variants together: SDEdit from 0.8 of the noise, Canny ControlNet, flow correspondences.
+"$VFX" edit "$DIR" --name statue-edges --prompt "a marble statue running" --steps 25 \
+  --method sdedit --start 0.8 --control canny --correspondence flow
 "$VFX" decode "$DIR"
 "$VFX" decode "$DIR" --edit statue
+"$VFX" decode "$DIR" --edit statue-edges
 "$VFX" eval "$DIR" --edit statue
 "$VFX" status "$DIR"
 echo "edited video: $DIR/decoded/statue/video.mp4" >&2

@@ -54,7 +54,10 @@ def to_tiles(data: np.ndarray) -> list[np.ndarray]:
         from vfx.visual import flow_to_rgb
 
         return [flow_to_rgb(f) for f in data.astype(np.float32)]
-    if data.ndim == 3:  # masks or edge maps [N, H, W]
+    if data.ndim == 3 and data.dtype == np.uint8:  # masks or edge maps [N, H, W]: as they are, brightest = 255
+        peak = max(int(data.max()), 1)
+        return [np.repeat((mask.astype(np.uint16) * 255 // peak).astype(np.uint8)[..., None], 3, axis=-1) for mask in data]
+    if data.ndim == 3:
         data = data[:, None]
     if data.ndim == 4:
         tiles = []

@@ -22,7 +22,9 @@ from vfx import log
 from vfx.errors import BadInput
 from vfx.fsutil import file_lock
 
-TINY_VERSION = 2
+# 2: the ControlNet's zero convolutions carry weights, so control reaches the UNet;
+# 3: the VAE's scaling factor gives unit-variance latents.
+TINY_VERSION = 3
 TINY_NAMES = ("tiny", "tiny-v")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -116,6 +118,7 @@ def build_tiny(folder: Path, variant: str = "tiny") -> Path:
     pipe.save_pretrained(folder)
     torch.manual_seed(3)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    wake_zero_convolutions(controlnet)
     controlnet.save_pretrained(folder / "controlnet")
     (folder / "VFX_TINY_MODEL").write_text(f"{variant} {TINY_VERSION}\n")
     return folder
@@ -130,6 +133,19 @@ def unit_variance_scale(vae) -> float:
     images = torch.nn.functional.interpolate(coarse, size=64, mode="bicubic", align_corners=False).clamp(0, 1)
     means = vae.encode(images * 2 - 1).latent_dist.mean
     return round(1.0 / float(means.std()), 5)
+
+
+def wake_zero_convolutions(controlnet) -> None:
+    """Give the ControlNet's zero-initialised output convolutions small random weights.
+
+    A fresh ControlNet adds exactly zero to the UNet until it is trained; the tiny one stands in for
+    a trained one, so its conditioning must reach the UNet.
+    """
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero_convs:
+            torch.nn.init.normal_(conv.weight, std=0.05)
 
 
 def tiny_model_dir(variant: str = "tiny") -> Path:
@@ -269,6 +285,47 @@ def controlnet_dir(ref: ModelRef) -> Path | None:
     if ref.is_tiny:
         return tiny_model_dir(ref.location) / "controlnet"
     return None
+
+
+@dataclass
+class ControlNetRef:
+    """What `--control-model` (or the tiny model's default) resolved to."""
+
+    location: str
+    identity: str
+
+
+def resolve_controlnet(model: ModelRef, spec: str | None) -> ControlNetRef:
+    """A ControlNet folder (or cached Hub id); without `spec`, the tiny model's own. Nothing is downloaded."""
+    if not spec:
+        folder = controlnet_dir(model)
+        if folder is None:
+            raise BadInput(f"--control needs --control-model PATH (a diffusers ControlNet folder) for model {model.spec!r}")
+        return ControlNetRef(str(folder), f"{model.identity}/controlnet")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BadInput(f"--control-model {path} is not a diffusers ControlNet folder (no config.json)")
+        return ControlNetRef(str(path.resolve()), f"folder:{_hash_folder_configs(path)}")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = snapshot_download(spec, local_files_only=True)
+        except Exception:
+            raise BadInput(f"ControlNet {spec!r} is not in the local Hugging Face cache and downloads are off here") from None
+        return ControlNetRef(local, f"hub:{spec}:{Path(local).name}")
+    raise BadInput(f"--control-model {spec!r}: no such folder")
+
+
+def load_controlnet(ref: ControlNetRef, device: torch.device, dtype: torch.dtype):
+    from diffusers import ControlNetModel
+
+    try:
+        controlnet = ControlNetModel.from_pretrained(ref.location, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a folder that is not a ControlNet
+        raise BadInput(f"could not load the ControlNet at {ref.location}: {exc}") from None
+    return controlnet.to(device, dtype).eval()
 
 
 def scheduler_info(pipe) -> dict:

@@ -148,8 +148,19 @@ def edit_cmd(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
     steps: Annotated[int, typer.Option(help="Denoising steps; the inversion must have saved this schedule (invert --save-steps).")] = 50,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Window length: one random keyframe is drawn per window of this many frames, every step.")] = 8,
-    pnp_attn_t: Annotated[float, typer.Option(help="Fraction of the steps with PnP query/key injection in the decoder's self-attention.")] = 0.5,
-    pnp_f_t: Annotated[float, typer.Option(help="Fraction of the steps with PnP resnet-feature injection.")] = 0.8,
+    method: Annotated[str, typer.Option(help="pnp: TokenFlow + plug-and-play injection from the inverted noise. sdedit: start part-way down the schedule (--start), no injection; see docs/edit-variants.md.")] = "pnp",
+    pnp_attn_t: Annotated[float | None, typer.Option(help="pnp: fraction of the steps with query/key injection in the decoder's self-attention.", show_default="0.5")] = None,
+    pnp_f_t: Annotated[float | None, typer.Option(help="pnp: fraction of the steps with resnet-feature injection.", show_default="0.8")] = None,
+    start: Annotated[float | None, typer.Option(help="sdedit: noise level to start from, a fraction of the schedule's range; the edit starts at the schedule's timestep nearest it (1.0: the noisiest).", show_default="0.9")] = None,
+    fresh_noise: Annotated[bool, typer.Option("--fresh-noise", help="sdedit: start from the clean latents plus new seeded Gaussian noise (one map for every frame) instead of the inverted latents.")] = False,
+    control: Annotated[str | None, typer.Option(help="canny: condition the edit branches on Canny edges of the source frames through a ControlNet (edge maps kept in edits/NAME/control.zarr).", show_default=False)] = None,
+    control_model: Annotated[str | None, typer.Option(help="ControlNet: a diffusers folder or cached Hub id matching the model's UNet. Default: the tiny model's own (other models need this).", show_default=False)] = None,
+    control_scale: Annotated[float | None, typer.Option(help="Scale of the ControlNet residuals (0: no effect).", show_default="1.0")] = None,
+    canny_low: Annotated[int | None, typer.Option(help="Canny lower hysteresis threshold.", show_default="100")] = None,
+    canny_high: Annotated[int | None, typer.Option(help="Canny upper hysteresis threshold.", show_default="200")] = None,
+    correspondence: Annotated[str, typer.Option(help="features: match tokens to keyframes by source-feature similarity. flow: compose flow/ (run `vfx flow` first) from each frame to its keyframes; occluded tokens fall back to features.")] = "features",
+    lora: Annotated[Path | None, typer.Option(help="LoRA weights (diffusers-format .safetensors, or a `vfx train --mode lora` weights folder) applied to the model.", show_default=False)] = None,
+    lora_scale: Annotated[float | None, typer.Option(help="Strength of the LoRA (0: exactly the base model).", show_default="1.0")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the keyframe draws. Default: vfx.toml (0).", show_default=False)] = None,
     propagation: Annotated[str, typer.Option(help="distance: blend the two neighbouring keyframes by real distance. reference: the reference implementation's window-centre sigmoid blend of the previous keyframe, for comparison.")] = "distance",
     keyframes: Annotated[Path | None, typer.Option(help="Replay a keyframe schedule (JSON list of lists or .npy, steps x K) instead of drawing one.", show_default=False)] = None,
@@ -163,11 +174,13 @@ def edit_cmd(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Edit the video with TokenFlow + plug-and-play: keyframes with extended attention, features propagated to every frame."""
+    """Edit the video with TokenFlow: keyframes with extended attention, features propagated to every frame (PnP or SDEdit, optional ControlNet, flow correspondences, LoRA)."""
     from vfx.stages.edit import edit
 
     settings = settings_for(root, model, device, dtype, None, force, allow_pickle, model_config)
     result = edit(settings, prompt, name, negative_prompt, guidance, steps, batch_size, pnp_attn_t, pnp_f_t, seed,
-                  propagation, keyframes, keyframe_batch, frame_batch)
+                  propagation, keyframes, keyframe_batch, frame_batch, method=method, start=start, fresh=fresh_noise,
+                  control=control, control_model=control_model, control_scale=control_scale, canny_low=canny_low,
+                  canny_high=canny_high, correspondence=correspondence, lora=lora, lora_scale=lora_scale)
     text = f"edit {result['name']}: " + ("up to date" if result.get("up_to_date") else "complete")
     emit(result, as_json, text)

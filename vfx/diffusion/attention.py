@@ -9,7 +9,8 @@ one `TokenFlowState`, which the edit loop switches between passes:
   branch's input tokens and every branch's outputs are cached per layer.
 - "propagate": no attention. Each frame's tokens are matched (cosine similarity of the source
   branch's input tokens, argmax) to its neighbouring keyframes' tokens, and the output is the
-  matched keyframe outputs blended by the frame's weights.
+  matched keyframe outputs blended by the frame's weights. Correspondences given from outside
+  (optical flow) take the place of the matching wherever they are defined.
 - "plain": per-frame attention in every branch (the naive per-frame PnP baseline).
 
 Plug-and-play injection replaces the edit branches' queries and keys by the source branch's in the
@@ -33,6 +34,10 @@ class Neighbours:
     slot_a: torch.Tensor  # [m] long
     slot_b: torch.Tensor  # [m] long
     weight_a: torch.Tensor  # [m] float
+    # Optional given correspondences per frame: tokens per layer -> [L] index into keyframe a's (b's) tokens,
+    # -1 where none is given (those tokens are matched by features).
+    given_a: list[dict[int, torch.Tensor]] | None = None
+    given_b: list[dict[int, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -130,9 +135,20 @@ def normalise(tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(tokens, dim=-1)
 
 
-def _match(frames: torch.Tensor, keyframe_tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """[m, L] index of each frame token's most similar token in its keyframe (cosine similarity)."""
-    return torch.bmm(frames, keyframe_tokens[slots].transpose(1, 2)).argmax(dim=-1)
+def _match(frames: torch.Tensor, keyframe_tokens: torch.Tensor, slots: torch.Tensor,
+           given: torch.Tensor | None = None) -> torch.Tensor:
+    """[m, L] index of each frame token's match in its keyframe: the given index where there is one
+    (>= 0, e.g. from optical flow), else the most cosine-similar keyframe token (both normalised)."""
+    index = torch.bmm(frames, keyframe_tokens[slots].transpose(1, 2)).argmax(dim=-1)
+    return index if given is None else torch.where(given >= 0, given.to(index.device), index)
+
+
+def _given(maps: list[dict[int, torch.Tensor]] | None, length: int) -> torch.Tensor | None:
+    """[m, L] given indices for a token grid of `length` (-1: none), or None when no frame has any."""
+    rows = [m.get(length) for m in maps] if maps is not None else []
+    if all(row is None for row in rows):
+        return None
+    return torch.stack([torch.full((length,), -1, dtype=torch.long) if row is None else row.long() for row in rows])
 
 
 def _gather(keyframe_out: torch.Tensor, slots: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -149,12 +165,14 @@ def propagate(state: TokenFlowState, name: str, hidden: torch.Tensor) -> torch.T
     keyframe_out = state.outputs[name]  # [3, K, L, C]
     frames = normalise(hidden[:m])
     slot_a, slot_b = plan.slot_a.to(hidden.device), plan.slot_b.to(hidden.device)
-    index_a = _match(frames, keyframe_tokens, slot_a)
+    length = hidden.shape[1]
+    given_a, given_b = _given(plan.given_a, length), _given(plan.given_b, length)
+    index_a = _match(frames, keyframe_tokens, slot_a, given_a)
     result = _gather(keyframe_out, slot_a, index_a)
     blend = plan.slot_a != plan.slot_b  # frames between two distinct keyframes
     if blend.any():
         rows = blend.nonzero().squeeze(1).to(hidden.device)
-        index_b = _match(frames[rows], keyframe_tokens, slot_b[rows])
+        index_b = _match(frames[rows], keyframe_tokens, slot_b[rows], None if given_b is None else given_b[rows])
         weight = plan.weight_a[blend].to(hidden.device, keyframe_out.dtype).view(1, -1, 1, 1)
         result[:, rows] = weight * result[:, rows] + (1 - weight) * _gather(keyframe_out, slot_b[rows], index_b)
     if state.trace is not None:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from vfx.diffusion.attention import Neighbours, TokenFlowState
+from vfx.diffusion.controlnet import ControlGuide
+from vfx.diffusion.correspondence import FlowCorrespondences
 from vfx.diffusion.ddim import Schedule
 from vfx.store import chunk_ranges
 
@@ -88,30 +90,62 @@ class StepIO:
     read_source: Callable[[int, int], np.ndarray]
     read_source_frames: Callable[[list[int]], np.ndarray]
     write: Callable[[int, int, np.ndarray], None]
+    read_control: Callable[[list[int]], np.ndarray] | None = None  # uint8 [m, H, W] edge maps of these frames
 
 
 class TokenFlowEditor:
+    """One denoising step over a video. Optional: a ControlNet guide for the edit branches, and
+    correspondences from optical flow in place of feature matching."""
+
     def __init__(self, unet, schedule: Schedule, state: TokenFlowState, embeddings: Embeddings, guidance: float,
-                 propagation: str, window: int, device: torch.device, frame_batch: int = 8):
+                 propagation: str, window: int, device: torch.device, frame_batch: int = 8,
+                 control: ControlGuide | None = None, correspondences: FlowCorrespondences | None = None):
         self.unet, self.schedule, self.state = unet, schedule, state
         self.embeddings, self.guidance = embeddings, guidance
         self.propagation, self.window = propagation, window
         self.device, self.frame_batch = device, frame_batch
+        self.control, self.correspondences = control, correspondences
         self.unet_frames = 0  # frame-evaluations (one frame, one branch, one UNet call)
 
-    def branches(self, source: torch.Tensor, latents: torch.Tensor, timestep: int) -> torch.Tensor:
-        """One UNet call on [source | uncond | cond]; returns the guided model output for `latents`."""
+    def branches(self, source: torch.Tensor, latents: torch.Tensor, timestep: int,
+                 edges: np.ndarray | None = None) -> torch.Tensor:
+        """One UNet call on [source | uncond | cond]; returns the guided model output for `latents`.
+        With a ControlNet, `edges` (the frames' edge maps) condition the uncond and cond branches."""
         m = latents.shape[0]
         e = self.embeddings
         x = torch.cat([source, latents, latents]).to(self.unet.dtype)
         context = torch.cat([e.source.expand(m, -1, -1), e.uncond.expand(m, -1, -1), e.cond.expand(m, -1, -1)])
-        out = self.unet(x, timestep, encoder_hidden_states=context).sample.float()
+        extra = self.control.residuals(x, timestep, context, edges) if self.control is not None else {}
+        out = self.unet(x, timestep, encoder_hidden_states=context, **extra).sample.float()
         self.unet_frames += 3 * m
         _, uncond, cond = out.chunk(3)
         return uncond + self.guidance * (cond - uncond)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, torch.float32)
+
+    def _edges(self, io: StepIO, frames: list[int]) -> np.ndarray | None:
+        return io.read_control(frames) if self.control is not None else None
+
+    def _neighbours(self, frames: list[int], keyframes: list[int]) -> Neighbours:
+        if self.propagation == "distance":
+            return neighbours_by_distance(frames, keyframes)
+        return neighbours_reference(frames, self.window)
+
+    def _flow_maps(self, frames: list[int], keyframes: list[int]) -> dict | None:
+        """Flow correspondences of `frames` to the keyframes they blend (None: feature matching only)."""
+        if self.correspondences is None or not frames:
+            return None
+        plan = self._neighbours(frames, keyframes)
+        pairs = {(f, keyframes[int(slot)]) for f, a, b in zip(frames, plan.slot_a, plan.slot_b) for slot in (a, b)}
+        return self.correspondences.maps(pairs)
+
+    @staticmethod
+    def _with_flow(plan: Neighbours, frames: list[int], keyframes: list[int], maps: dict | None) -> Neighbours:
+        if maps is not None:
+            plan.given_a = [maps[(f, keyframes[int(a)])] for f, a in zip(frames, plan.slot_a)]
+            plan.given_b = [maps[(f, keyframes[int(b)])] for f, b in zip(frames, plan.slot_b)]
+        return plan
 
     @torch.no_grad()
     def step(self, io: StepIO, frames: int, chunk: int, keyframes: list[int], timestep: int, prev: int | None,
@@ -121,7 +155,8 @@ class TokenFlowEditor:
         on_phase("keyframes")
         state.mode = "keyframe"
         keyframe_latents = self._tensor(io.read_frames(keyframes))
-        keyframe_output = self.branches(self._tensor(io.read_source_frames(keyframes)), keyframe_latents, timestep)
+        keyframe_output = self.branches(self._tensor(io.read_source_frames(keyframes)), keyframe_latents, timestep,
+                                        self._edges(io, keyframes))
         reuse = self.propagation == "distance"  # a keyframe's propagated output is its own
         slot_of = {frame: slot for slot, frame in enumerate(keyframes)}
         state.mode = "propagate"
@@ -135,14 +170,14 @@ class TokenFlowEditor:
             for f in range(start, end):
                 if reuse and f in slot_of:
                     output[f - start] = keyframe_output[slot_of[f]]
+            edges = self._edges(io, list(range(start, end)))
+            maps = self._flow_maps(todo, keyframes)
             for sub in range(0, len(todo), self.frame_batch):
                 batch = todo[sub : sub + self.frame_batch]
                 rows = [f - start for f in batch]
-                if self.propagation == "distance":
-                    state.neighbours = neighbours_by_distance(batch, keyframes)
-                else:
-                    state.neighbours = neighbours_reference(batch, self.window)
-                output[rows] = self.branches(source[rows], latents[rows], timestep)
+                state.neighbours = self._with_flow(self._neighbours(batch, keyframes), batch, keyframes, maps)
+                output[rows] = self.branches(source[rows], latents[rows], timestep,
+                                             edges[rows] if edges is not None else None)
             result = self.schedule.denoise_step(output, latents, timestep, prev)
             io.write(start, end, result.cpu().numpy())
         state.mode = "plain"
