@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -149,7 +149,8 @@ class TokenFlowEditor:
 
     @torch.no_grad()
     def step(self, io: StepIO, frames: int, chunk: int, keyframes: list[int], timestep: int, prev: int | None,
-             on_phase: Callable[[str], None] = lambda text: None) -> None:
+             on_phase: Callable[[str], None] = lambda text: None, chunks: Sequence[int] | None = None) -> None:
+        """One denoising step: the keyframe pass, then propagation over `chunks` (default: all)."""
         state = self.state
         state.clear()
         on_phase("keyframes")
@@ -161,8 +162,10 @@ class TokenFlowEditor:
         slot_of = {frame: slot for slot, frame in enumerate(keyframes)}
         state.mode = "propagate"
         ranges = chunk_ranges(frames, chunk)
-        for index, (start, end) in enumerate(ranges):
-            on_phase(f"propagation {index + 1}/{len(ranges)}")
+        chunks = range(len(ranges)) if chunks is None else chunks
+        for count, index in enumerate(chunks):
+            start, end = ranges[index]
+            on_phase(f"propagation {count + 1}/{len(chunks)}")
             latents = self._tensor(io.read(start, end))
             source = self._tensor(io.read_source(start, end))
             output = torch.empty_like(latents)

@@ -28,6 +28,7 @@ from vfx.diffusion.ddim import Schedule
 from vfx.diffusion.sdedit import METHODS, fresh_noise, start_index
 from vfx.diffusion.text import encode_prompt
 from vfx.diffusion.tokenflow import PROPAGATION_MODES, Embeddings, StepIO, TokenFlowEditor, draw_keyframes
+from vfx.distributed import Group
 from vfx.dreambooth.weights import apply_lora, lora_file, lora_identity
 from vfx.errors import BadInput, VfxError
 from vfx.models import load_controlnet, resolve_controlnet
@@ -273,7 +274,13 @@ def edit(
         if guide is not None:
             write_edges(frames_array, control_path, control_params["low"], control_params["high"])
 
-    pending = run.start(create)
+    group = Group.from_env(settings.device)
+    if not group.is_main:
+        log.set_quiet(True)  # one progress bar and one set of messages, from rank 0
+    if group.is_main:
+        run.start(create)
+    group.barrier()
+    pending = sorted(set(range(units)) - run.folder.done_units())
     if pending and pending != list(range(pending[0], units)):
         raise VfxError(f"edits/{name} has out-of-order finished steps; rerun with --force to start over")
 
@@ -286,8 +293,21 @@ def edit(
     edges = open_array(control_path) if guide is not None else None
     installed = install(pipe.unet, state)
     began = time.perf_counter()
+    ranges = chunk_ranges(frames, chunk)
+    mine = group.chunks(len(ranges))
+    owned = range(ranges[mine[0]][0], ranges[mine[-1]][1]) if len(mine) else range(0)
+
+    def keyframe_latents(buffer, keyframes: list[int]) -> np.ndarray:
+        """The keyframes' current latents, each read by the rank that owns its frame."""
+        local = [k for k in keyframes if k in owned]
+        partial = torch.zeros((len(keyframes), channels, h, w), dtype=torch.float32)
+        if local:
+            rows = [keyframes.index(k) for k in local]
+            partial[rows] = torch.from_numpy(np.asarray(buffer.oindex[np.asarray(local)]))
+        return group.combine(partial).numpy()
+
     try:
-        with log.progress(f"edit {name}", len(pending), "steps") as bar:
+        with log.progress(f"edit {name}", len(pending) if group.is_main else 0, "steps") as bar:
             for step in pending:
                 step_began = time.perf_counter()
                 timestep = timesteps[step]
@@ -299,14 +319,16 @@ def edit(
                 read, write = (open_array(buffers[(step + i) % 2], mode="r+") for i in (0, 1))
                 io = StepIO(
                     read=lambda s, e: read[s:e],
-                    read_frames=lambda idx: read.oindex[np.asarray(idx)],
+                    read_frames=lambda idx: keyframe_latents(read, idx),
                     read_source=lambda s, e: trajectory[source_index, s:e],
                     read_source_frames=lambda idx: trajectory.oindex[source_index, np.asarray(idx)],
                     write=lambda s, e, a: write.__setitem__(slice(s, e), a),
                     read_control=(lambda idx: edges.oindex[np.asarray(idx)]) if edges is not None else None,
                 )
-                editor.step(io, frames, chunk, keyframes, timestep, prev, bar.phase)
-                run.mark_done(step, None, round(time.perf_counter() - step_began, 3), keyframes=keyframes)
+                editor.step(io, frames, chunk, keyframes, timestep, prev, bar.phase, mine)
+                group.barrier()  # every rank's chunks of this step are written
+                if group.is_main:
+                    run.mark_done(step, None, round(time.perf_counter() - step_began, 3), keyframes=keyframes)
                 bar.advance()
     finally:
         uninstall(pipe.unet, installed)
@@ -327,11 +349,14 @@ def edit(
             summary["lora_file"] = lora_path
         return summary
 
-    run.finish(finalize)
-    log.info(f"edit {name}: done; decode it with `vfx decode {settings.project.root} --edit {name}`")
+    if group.is_main:
+        run.finish(finalize)
+        log.info(f"edit {name}: done; decode it with `vfx decode {settings.project.root} --edit {name}`")
+    group.barrier()
     return {
         **result, "state": "complete", "up_to_date": False, "computed_steps": len(pending),
         "unet_frame_evaluations": editor.unet_frames, "seconds": round(time.perf_counter() - began, 3),
         "controlnet_frame_evaluations": guide.frames if guide is not None else 0, "timesteps": timesteps,
         "injections": {"attention": state.attention_injections, "conv": state.conv_injections},
+        "rank": group.rank, "world_size": group.world,
     }
