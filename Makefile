@@ -32,7 +32,7 @@ demo: $(STAMP)
 	VFX=$(BIN)/vfx DEMO_DIR=$(DEMO_DIR) SHARED_VIDEO=$(SHARED_VIDEO) bash examples/demo.sh
 
 bench: $(STAMP)
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

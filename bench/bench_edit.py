@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import in_child, make_project, peak_rss_mb, settings, table, timed, unet_seconds_per_frame, worker_config  # noqa: E402
+from common import in_child, make_project, peak_rss_mb, settings, table, timed, unet_seconds_per_frame, entry  # noqa: E402
 
 COUNTS = (16, 64, 256)
 STEPS, FRAME_BATCH = 4, 8
@@ -89,10 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    config = worker_config()
-    if config is not None:
-        import json
-
-        print(json.dumps(worker(config)))
-    else:
-        main()
+    entry(worker, main)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import in_child, make_project, peak_rss_mb, settings, table, timed, worker_config  # noqa: E402
+from common import in_child, make_project, peak_rss_mb, settings, table, timed, entry  # noqa: E402
 
 COUNTS = (32, 512)
 
@@ -37,10 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    config = worker_config()
-    if config is not None:
-        import json
-
-        print(json.dumps(worker(config)))
-    else:
-        main()
+    entry(worker, main)

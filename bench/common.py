@@ -79,7 +79,9 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
     return "\n".join(out + [line(row) for row in cells[1:]])
 
 
-def worker_config() -> dict | None:
+def entry(worker, main) -> None:
+    """`script --worker CONFIG` runs one configuration and prints its JSON; plain `script` runs main."""
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        return json.loads(sys.argv[2])
-    return None
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+    else:
+        main()
