@@ -17,6 +17,13 @@ import torch.distributed as dist
 from vfx.stage import Shard
 
 
+def local_device(device: torch.device) -> torch.device:
+    """Under a launcher, each process of a node takes the GPU of its LOCAL_RANK."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
 @dataclass(frozen=True)
 class Group:
     rank: int = 0
@@ -30,6 +37,8 @@ class Group:
             return cls()
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(local_device(device))
         return cls(dist.get_rank(), dist.get_world_size())
 
     @property

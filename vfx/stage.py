@@ -222,10 +222,15 @@ class StageRun:
             atomic_write_json(self.folder.record_path, rec)
             return True
 
-    def complete_single(self, summary: dict | None = None, started: float | None = None) -> None:
-        """Record a single-unit stage (built elsewhere, then swapped in) as complete."""
+    def complete_single(self, summary: dict | None = None, started: float | None = None,
+                        swap_in: Callable[[], None] | None = None) -> None:
+        """Record a single-unit stage (built aside) as complete. `swap_in` moves the new artifact into
+        place while the record says running, so a crash mid-swap never leaves a stale "complete"."""
         with self._lock():
             rec = self._new_record()
+            if swap_in is not None:
+                atomic_write_json(self.folder.record_path, rec)
+                swap_in()
             finished = time.time()
             started = started or finished
             rec.update(

@@ -18,7 +18,8 @@ def read_folder(folder: Path, flag: str) -> tuple[list[str], list[np.ndarray]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise BadInput(f"{flag} {folder}: no such folder")
-    files = _image_files(folder)
+    # `vfx sample` writes a contact sheet beside the samples: it is not a sample.
+    files = [f for f in _image_files(folder) if f.name != "grid.png"]
     if not files:
         raise BadInput(f"{flag} {folder} holds no images")
     return [f.name for f in files], [read_image(f) for f in files]

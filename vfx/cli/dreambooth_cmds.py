@@ -104,7 +104,7 @@ def train_cmd(
     from vfx.dreambooth.config import TrainConfig
     from vfx.dreambooth.train import train
 
-    settings = settings_for(root, model, device, None, None, force, allow_pickle, model_config)
+    settings = settings_for(root, model, device, None, None, force, allow_pickle, model_config, shardable=False)
     cfg = TrainConfig(
         name=name, instance_dir=instance_dir, instance_prompt=instance_prompt, class_prompt=class_prompt,
         class_dir=class_dir, prior_loss_weight=prior_loss_weight, identifier=identifier, mode=mode, rank=rank,
@@ -179,7 +179,7 @@ def tokens_cmd(
     """Propose rare single-token identifiers from the model's tokenizer (rule: docs/dreambooth.md)."""
     from vfx.dreambooth.tokens import load_tokenizer, suggest_tokens
 
-    settings = settings_for(root, model, "cpu", None, None, False, allow_pickle, model_config)
+    settings = settings_for(root, model, "cpu", None, None, False, allow_pickle, model_config, shardable=False)
     found = suggest_tokens(load_tokenizer(settings), count)
     result = {"model": settings.model.spec, "tokens": [c.as_dict() for c in found]}
     if found:

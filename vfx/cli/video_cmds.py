@@ -16,10 +16,12 @@ from vfx.errors import BadInput
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Frames per VAE call.")]
 
 
-def settings_for(root, model=None, device=None, dtype=None, shard=None, force=False, allow_pickle=False, model_config=None):
+def settings_for(root, model=None, device=None, dtype=None, shard=None, force=False, allow_pickle=False, model_config=None,
+                 shardable=True):
+    """Flags resolved against vfx.toml; stages that do not shard ignore the SLURM array variables."""
     from vfx.stages.common import Settings
 
-    return Settings.resolve(root, model, device, dtype, shard, force, allow_pickle, model_config)
+    return Settings.resolve(root, model, device, dtype, shard, force, allow_pickle, model_config, shardable)
 
 
 def report(result: dict, as_json: bool) -> None:
@@ -177,7 +179,7 @@ def edit_cmd(
     """Edit the video with TokenFlow: keyframes with extended attention, features propagated to every frame (PnP or SDEdit, optional ControlNet, flow correspondences, LoRA)."""
     from vfx.stages.edit import edit
 
-    settings = settings_for(root, model, device, dtype, None, force, allow_pickle, model_config)
+    settings = settings_for(root, model, device, dtype, None, force, allow_pickle, model_config, shardable=False)
     result = edit(settings, prompt, name, negative_prompt, guidance, steps, batch_size, pnp_attn_t, pnp_f_t, seed,
                   propagation, keyframes, keyframe_batch, frame_batch, method=method, start=start, fresh=fresh_noise,
                   control=control, control_model=control_model, control_scale=control_scale, canny_low=canny_low,

@@ -77,6 +77,14 @@ def validate(pipe, unet, text_encoder, cfg: TrainConfig, step: int, folder: Path
     return paths
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank or torn one (a kill mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class Metrics:
     """metrics.jsonl (and TensorBoard when it is installed), written by the main process only."""
 
@@ -87,7 +95,8 @@ class Metrics:
         kept = []
         if resume_step is not None and path.is_file():
             # Lines after the checkpoint belong to steps the resumed run will redo.
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) is not None
+                    and _step_of(line) <= resume_step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter

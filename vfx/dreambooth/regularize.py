@@ -16,6 +16,7 @@ from vfx.errors import BadInput
 from vfx.fsutil import atomic_write_json, read_json
 from vfx.stage import RECORD, StageRun, fingerprint
 from vfx.stages.common import Settings, outcome, run_units, up_to_date_result
+from vfx.store import chunk_ranges
 from vfx.dreambooth.data import check_prompt, run_folder
 from vfx.dreambooth.images import generate, native_resolution, png_meta, write_png
 from vfx.dreambooth.tokens import load_tokenizer
@@ -26,11 +27,6 @@ MANIFEST = "manifest.json"
 
 def image_name(index: int) -> str:
     return f"{index:06d}.png"
-
-
-def groups(count: int, batch_size: int) -> list[tuple[int, int]]:
-    """[start, end) image ranges generated together; the unit of work of a shard."""
-    return [(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
 
 
 def regularize(
@@ -66,7 +62,7 @@ def regularize(
         "dtype": settings.dtype_name,
     }
     key_hash = fingerprint(key)
-    ranges = groups(num_images, batch_size)
+    ranges = chunk_ranges(num_images, batch_size)  # images generated together: a unit of work
     params = {**key, "num_images": num_images, "model_spec": settings.model.spec}
     run = StageRun(folder, "regularize", params, {}, len(ranges), force=settings.force, shard=settings.shard)
     extra = {"images": num_images, "key": key_hash}

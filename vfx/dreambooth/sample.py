@@ -17,7 +17,7 @@ from vfx.stage import StageRun
 from vfx.stages.common import Settings, outcome, run_units, up_to_date_result
 from vfx.dreambooth.data import check_prompt, run_folder
 from vfx.dreambooth.images import generate, grid, native_resolution, write_png
-from vfx.dreambooth.regularize import groups
+from vfx.store import chunk_ranges
 from vfx.dreambooth.tokens import load_tokenizer
 from vfx.dreambooth.weights import INFO_FILE, apply_lora, lora_file, lora_identity, trained_weights
 
@@ -98,7 +98,7 @@ def sample(
     side = size or trained_size or native_resolution(use)
     seed = int(settings.project.get("seed", seed))
     count = len(prompts) * num_images
-    ranges = groups(count, batch_size)
+    ranges = chunk_ranges(count, batch_size)
     params = {
         "prompts": prompts, "num_images": num_images, "steps": steps, "guidance": guidance, "seed": seed,
         "batch_size": batch_size, "negative_prompt": negative_prompt, "size": side, "model": model.identity,

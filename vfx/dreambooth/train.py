@@ -193,6 +193,8 @@ def train(settings: Settings, cfg: TrainConfig) -> dict:
 
     ckpt_root = run_dir / "checkpoints"
     resume_from = None
+    if cfg.resume and settings.force:
+        raise BadInput("--force starts over and --resume continues a run; pass one of them")
     if cfg.resume:
         resume_from = checkpoint.find_checkpoint(ckpt_root, cfg.resume)
     elif checkpoint.list_checkpoints(ckpt_root) and not settings.force:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from vfx import log
+from vfx.distributed import local_device
 from vfx.models import ModelRef, load_pipeline, resolve_model
 from vfx.project import Project
 from vfx.runtime import dtype_name, resolve_device, resolve_dtype
@@ -41,10 +42,11 @@ class Settings:
         force: bool = False,
         allow_pickle: bool = False,
         model_config: str | None = None,
+        shardable: bool = True,
     ) -> "Settings":
         project = Project.open(root)
-        shard_spec = Shard.parse(shard)
-        resolved_device = resolve_device(project.get("device", device))
+        shard_spec = Shard.parse(shard) if shardable else Shard()
+        resolved_device = local_device(resolve_device(project.get("device", device)))
         resolved_dtype = resolve_dtype(project.get("dtype", dtype), resolved_device)
         ref = resolve_model(project.get("model", model), allow_pickle=allow_pickle)
         return cls(project, ref, resolved_device, resolved_dtype, shard_spec, force, model_config)

@@ -6,6 +6,7 @@ last chunk, once every frame is present, at the source's frame rate.
 
 from __future__ import annotations
 
+import shutil
 from fractions import Fraction
 
 import numpy as np
@@ -66,6 +67,8 @@ def decode(settings: Settings, edit: str | None = None, batch_size: int = 4, png
         return up_to_date_result(run, {"video": str(folder / "video.mp4")})
 
     def create() -> None:
+        shutil.rmtree(folder / "png", ignore_errors=True)
+        (folder / "video.mp4").unlink(missing_ok=True)
         create_array(folder / "frames.zarr", (count, h * 8, w * 8, 3), (chunk, h * 8, w * 8, 3), "uint8",
                      {"kind": "frames", "fps": str(fps), "decoded_from": upstream_folder})
 

@@ -260,6 +260,8 @@ def edit(
     reference = propagation == "reference"
 
     noise = fresh_noise(seed, (channels, h, w)) if variant["fresh_noise"] else None
+    if reference or noise is not None:
+        upstream(settings, "latents", "encode", "vfx encode {dir}")
     control_path = folder / "control.zarr"
 
     def create() -> None:
@@ -339,8 +341,6 @@ def edit(
                            {"kind": "latents", "edit": name, "prompt": prompt, "fps": trajectory.attrs.get("fps")})
         for start, end in chunk_ranges(frames, chunk):
             out[start:end] = final[start:end]
-        for path in buffers:
-            shutil.rmtree(path, ignore_errors=True)
         summary = {"frames": frames, "keyframes": [run.marker(s)["keyframes"] for s in range(units)],
                    "timesteps": timesteps}
         if guide is not None:
@@ -350,7 +350,9 @@ def edit(
         return summary
 
     if group.is_main:
-        run.finish(finalize)
+        if run.finish(finalize):  # the buffers go only once the record says complete
+            for path in buffers:
+                shutil.rmtree(path, ignore_errors=True)
         log.info(f"edit {name}: done; decode it with `vfx decode {settings.project.root} --edit {name}`")
     group.barrier()
     return {

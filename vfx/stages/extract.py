@@ -107,13 +107,15 @@ def extract(
             "source": info.as_dict(),
         }
         array.attrs.update(summary)
-        with run._lock():
+
+        def swap_in() -> None:
             old = folder / f".old-{os.getpid()}"
             if (folder / ARRAY).exists():
                 os.replace(folder / ARRAY, old)
             os.replace(scratch / ARRAY, folder / ARRAY)
             shutil.rmtree(old, ignore_errors=True)
-        run.complete_single(summary, began)
+
+        run.complete_single(summary, began, swap_in)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info(f"extract: {count} frames {width}x{height} at {float(out_fps):.3g} fps -> {folder / ARRAY}")

@@ -19,6 +19,7 @@ from vfx.diffusion.ddim import Schedule
 from vfx.diffusion.text import encode_prompt
 from vfx.errors import BadInput
 from vfx.media import write_mp4
+from vfx.metrics import psnr
 from vfx.stage import StageRun
 from vfx.stages.common import Settings, outcome, run_units, up_to_date_result, upstream
 from vfx.stages.decode import decode_latents
@@ -83,11 +84,6 @@ def denoise_latents(unet, schedule: Schedule, noisy: torch.Tensor, embedding: to
         if bar is not None:
             bar.advance(len(noisy))
     return x
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def invert(settings: Settings, steps: int = 500, save_steps: int = 50, prompt: str | None = None,
