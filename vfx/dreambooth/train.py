@@ -381,6 +381,8 @@ def train(settings: Settings, cfg: TrainConfig) -> dict:
 def write_weights(run_dir: Path, pipe, unet, text_encoder, cfg: TrainConfig, settings: Settings, started: float) -> None:
     """Inference weights built beside the old ones, then swapped in (old weights survive a failure)."""
     partial, final, old = run_dir / ".weights.partial", run_dir / "weights", run_dir / ".weights.old"
+    if old.exists() and not final.exists():
+        old.rename(final)  # an earlier run died mid-swap: its previous weights come back first
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     if cfg.mode == "full":
