@@ -241,6 +241,7 @@ class StageRun:
 
     def start(self, create: Callable[[], None]) -> list[int]:
         """Prepare the artifact (once, whichever shard comes first); return this shard's pending units."""
+        refuse_links(self.path)
         with self._lock():
             rec = self.folder.record()
             mine = self.shard.units(self.units)
@@ -304,6 +305,18 @@ class StageRun:
             )
             shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
             atomic_write_json(self.folder.record_path, rec)
+
+
+def refuse_links(folder: Path) -> None:
+    """Refuse to write into a stage folder holding symbolic links: writes would follow them out of it."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise BadInput(f"{folder} is a symbolic link; stage folders must be real folders inside the project")
+    for parent, dirs, files in os.walk(folder):
+        for entry in dirs + files:
+            if os.path.islink(os.path.join(parent, entry)):
+                raise BadInput(f"{os.path.join(parent, entry)} is a symbolic link; vfx does not write through links "
+                               "(remove it, then rerun)")
 
 
 def array_checksum(arrays: Iterable[Any]) -> str:
