@@ -63,6 +63,7 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
         @functools.wraps(func)
         def wrapper(*args, **kw):
             try:
+                check_text_args(kw)
                 return func(*args, **kw)
             except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
                 raise
@@ -100,6 +101,22 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
         return wrapper
 
     return decorate
+
+
+def check_text_args(kw: dict[str, Any]) -> None:
+    """Refuse text arguments that are not valid UTF-8 (Python carries such argv bytes as lone surrogates).
+
+    Paths are exempt: a file name may legally hold any bytes.
+    """
+    from vfx.errors import BadInput
+
+    for name, value in kw.items():
+        for text in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BadInput(f"--{name.replace('_', '-')} is not valid UTF-8 text") from None
 
 
 def _is_oom(exc: Exception) -> bool:

@@ -81,10 +81,11 @@ def plan_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Print how many shards (SLURM array tasks) a stage needs, before it runs: `--array=0-$((N-1))`."""
-    from vfx.plan import Request, count_units, shard_count
+    from vfx.plan import Request, count_units, shard_count, stage_folder
 
     project = Project.open(root)
     request = Request(stage, name, chunk_frames, images, batch_size)
+    stage_folder(project, request)  # checks the stage and the name
     units = count_units(project, request)
     shards = shard_count(units, per_shard)
     emit({"stage": stage, "units": units, "per_shard": per_shard, "shards": shards,
@@ -198,6 +199,9 @@ def model_tiny_cmd(
     emit({"model": str(folder), "variant": variant}, as_json, str(folder))
 
 
+MAX_DEMO_FRAMES, MAX_DEMO_SIZE = 100_000, 4096  # a test clip, not a way to fill the disk
+
+
 @command(app, "demo-video")
 def demo_video_cmd(
     out: Annotated[Path, typer.Argument(help="Where to write the .mp4.", show_default=False)],
@@ -208,8 +212,8 @@ def demo_video_cmd(
     """Write a small generated test clip (a textured disc moving over a gradient)."""
     from vfx.media import synthetic_video
 
-    if frames < 1 or size < 16 or fps < 1:
-        raise BadInput("need --frames >= 1, --size >= 16 and --fps >= 1")
+    if not (1 <= frames <= MAX_DEMO_FRAMES and 16 <= size <= MAX_DEMO_SIZE and 1 <= fps <= 240):
+        raise BadInput(f"need 1 <= --frames <= {MAX_DEMO_FRAMES}, 16 <= --size <= {MAX_DEMO_SIZE} and 1 <= --fps <= 240")
     if out.exists():
         raise BadInput(f"{out} exists; choose a new file name")
     synthetic_video(out, frames, size, fps)
