@@ -206,6 +206,21 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """A pipeline folder whose component has only pickled weights would be unpickled on load: refuse."""
+    for component in [folder, *(p for p in folder.iterdir() if p.is_dir())]:
+        files = [p for p in component.iterdir() if p.is_file()]
+        pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+        if pickled and not any(p.suffix == ".safetensors" for p in files):
+            raise BadInput(
+                f"{pickled[0]} holds pickled weights, which can run code when loaded; "
+                "convert them to .safetensors, or pass --allow-pickle if you trust them"
+            )
+
+
 def resolve_model(spec: str | None, allow_pickle: bool = False) -> ModelRef:
     """Turn `--model` into a ModelRef, or a clear error. Nothing is downloaded."""
     spec = (spec or "tiny").strip()
@@ -215,11 +230,13 @@ def resolve_model(spec: str | None, allow_pickle: bool = False) -> ModelRef:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise BadInput(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        if not allow_pickle:
+            refuse_pickled_weights(path)
         return ModelRef(spec, "folder", str(path.resolve()), f"folder:{_hash_folder_configs(path)}")
     if path.is_file():
         if path.suffix == ".safetensors":
             return ModelRef(spec, "single-file", str(path.resolve()), f"file:{_hash_file(path)}")
-        if path.suffix in {".ckpt", ".pt", ".pth", ".bin"}:
+        if path.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
                 raise BadInput(
                     f"{path.name} is a pickle checkpoint, which can run code when loaded; "
@@ -237,6 +254,8 @@ def resolve_model(spec: str | None, allow_pickle: bool = False) -> ModelRef:
                 f"model {spec!r} is not in the local Hugging Face cache and downloads are off here; "
                 "download it where you have network, or pass a local folder"
             ) from None
+        if not allow_pickle:
+            refuse_pickled_weights(Path(local))
         return ModelRef(spec, "hub", local, f"hub:{spec}:{Path(local).name}")
     raise BadInput(f"unknown model {spec!r}: use 'tiny', a diffusers folder, a .safetensors file or a cached Hub id")
 

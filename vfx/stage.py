@@ -4,6 +4,11 @@ A stage folder holds `stage.json` (the record) and `.done/<unit>.json` markers. 
 one chunk of frames (or one image); its marker is written only after its data is fully written,
 so a crash at any point leaves unfinished units without markers, and a rerun recomputes only
 those. Shards own disjoint sets of units, so concurrent processes never write the same chunk.
+
+A marker names the parts a unit stored (`Part`: rows of a Zarr array, or a file) and a SHA-256 of
+their bytes as read back after writing, so damage found later (a corrupted or truncated chunk file,
+a torn marker) can be detected unit by unit: `vfx status --verify` reports it, and a rerun of the
+stage recomputes exactly the damaged units.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -88,6 +93,40 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+# ---------------------------------------------------------------- unit parts
+
+
+@dataclass(frozen=True)
+class Part:
+    """What a unit stored: rows [start, end) along `axis` of a Zarr array, or (no start) a whole file.
+
+    `path` is relative to the stage folder, so markers stay valid when a project is moved.
+    """
+
+    path: str
+    start: int | None = None
+    end: int | None = None
+    axis: int = 0
+
+    def read(self, folder: Path) -> Any:
+        """The stored bytes (a numpy block or the file's bytes)."""
+        if self.start is None:
+            return (folder / self.path).read_bytes()
+        from vfx.store import open_array
+
+        index = (slice(None),) * self.axis + (slice(self.start, self.end),)
+        return np.asarray(open_array(folder / self.path)[index])
+
+
+def parts_checksum(folder: Path, parts: Iterable[Part]) -> str:
+    """SHA-256 over the stored bytes of `parts`, in order."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.read(folder)
+        digest.update(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes())
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------- records
 
 
@@ -115,6 +154,25 @@ class StageFolder:
 
     def marker(self, unit: int) -> Path:
         return self.folder / DONE_DIR / f"{unit:06d}.json"
+
+    def check_unit(self, unit: int) -> str:
+        """'ok', 'damaged' (torn marker, unreadable or changed data) or 'unverified' (no parts recorded)."""
+        marker = read_json(self.marker(unit))
+        if not isinstance(marker, dict):
+            return "damaged"
+        if not marker.get("parts") or not marker.get("sha256"):
+            return "unverified"
+        try:
+            parts = [Part(**entry) for entry in marker["parts"]]
+            stored = parts_checksum(self.folder, parts)
+        except Exception:  # noqa: BLE001 - any failure to read stored data back is damage
+            return "damaged"
+        return "ok" if stored == marker["sha256"] else "damaged"
+
+    def damaged_units(self, units: Iterable[int]) -> list[int]:
+        """The done units among `units` whose stored data no longer matches their marker."""
+        done = self.done_units()
+        return [unit for unit in sorted(units) if unit in done and self.check_unit(unit) == "damaged"]
 
     def is_complete(self) -> bool:
         rec = self.record()
@@ -161,8 +219,11 @@ class StageRun:
         return file_lock(self.path / LOCK)
 
     def up_to_date(self) -> bool:
+        """Complete with this fingerprint, and this shard's units read back intact."""
         rec = self.folder.record()
-        return bool(rec) and rec.get("state") == "complete" and rec.get("fingerprint") == self.fingerprint
+        if not rec or rec.get("state") != "complete" or rec.get("fingerprint") != self.fingerprint:
+            return False
+        return not self.folder.damaged_units(self.shard.units(self.units))
 
     def _new_record(self) -> dict:
         return {
@@ -180,6 +241,7 @@ class StageRun:
 
     def start(self, create: Callable[[], None]) -> list[int]:
         """Prepare the artifact (once, whichever shard comes first); return this shard's pending units."""
+        refuse_links(self.path)
         with self._lock():
             rec = self.folder.record()
             mine = self.shard.units(self.units)
@@ -188,16 +250,21 @@ class StageRun:
                 shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
                 create()
                 atomic_write_json(self.folder.record_path, self._new_record())
-            elif self.force:
-                for unit in mine:
+            else:
+                # Forced: redo this shard's units. Otherwise redo only the damaged ones.
+                redo = list(mine) if self.force else self.folder.damaged_units(mine)
+                for unit in redo:
                     self.folder.marker(unit).unlink(missing_ok=True)
-                if rec.get("state") == "complete":
+                if redo and rec.get("state") == "complete":
                     rec.update(state="running", started=now(), started_unix=time.time())
                     atomic_write_json(self.folder.record_path, rec)
             done = self.folder.done_units()
         return [unit for unit in mine if unit not in done]
 
-    def mark_done(self, unit: int, checksum: str | None = None, seconds: float | None = None, **extra: Any) -> None:
+    def mark_done(self, unit: int, checksum: str | None = None, seconds: float | None = None,
+                  parts: list[Part] | None = None, **extra: Any) -> None:
+        if parts:
+            extra["parts"] = [asdict(part) for part in parts]
         atomic_write_json(self.folder.marker(unit), {"sha256": checksum, "seconds": seconds, **extra})
 
     def marker(self, unit: int) -> dict | None:
@@ -243,6 +310,18 @@ class StageRun:
             )
             shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
             atomic_write_json(self.folder.record_path, rec)
+
+
+def refuse_links(folder: Path) -> None:
+    """Refuse to write into a stage folder holding symbolic links: writes would follow them out of it."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise BadInput(f"{folder} is a symbolic link; stage folders must be real folders inside the project")
+    for parent, dirs, files in os.walk(folder):
+        for entry in dirs + files:
+            if os.path.islink(os.path.join(parent, entry)):
+                raise BadInput(f"{os.path.join(parent, entry)} is a symbolic link; vfx does not write through links "
+                               "(remove it, then rerun)")
 
 
 def array_checksum(arrays: Iterable[Any]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vfx.project import Project
-from vfx.stage import RECORD, StageFolder
+from vfx.stage import DONE_DIR, RECORD, StageFolder
 from vfx.store import folder_size
 
 # The video pipeline's fixed stages, in order, with the command that makes each.
@@ -24,7 +24,8 @@ def _record_folders(root: Path) -> list[Path]:
     return sorted(set(found))
 
 
-def stage_states(project: Project) -> list[dict]:
+def stage_states(project: Project, verify: bool = False) -> list[dict]:
+    """One row per stage folder; with `verify`, done units are read back and damaged ones listed."""
     root = project.root
     folders = _record_folders(root)
     rows: dict[str, dict] = {}
@@ -51,6 +52,8 @@ def stage_states(project: Project) -> list[dict]:
             "bytes": folder_size(folder),
             "summary": rec.get("summary", {}),
         }
+        if verify and rec:
+            rows[rel]["damaged_units"] = _damaged(sf, units, state)
 
     def stale(rel: str, seen: frozenset = frozenset()) -> bool:
         row = rows.get(rel)
@@ -65,12 +68,23 @@ def stage_states(project: Project) -> list[dict]:
     for rel, row in rows.items():
         if row["state"] == "complete" and stale(rel):
             row["state"] = "stale"
+    for row in rows.values():  # after staleness: damage is repaired by a rerun, with the same fingerprint
+        if row.get("damaged_units"):
+            row.update(state="damaged", done=row["done"] - len(row["damaged_units"]))
     ordered = []
     for folder, stage, command in PIPELINE:
         ordered.append(rows.pop(folder, None) or {"folder": folder, "stage": stage, "state": "missing",
                                                   "hint": command.replace("DIR", str(root))})
     ordered += [rows[key] for key in sorted(rows)]
     return ordered
+
+
+def _damaged(folder: StageFolder, units: int, state: str) -> list[int]:
+    """Units whose data no longer matches their marker; a complete stage also needs every marker."""
+    damaged = set(folder.damaged_units(range(units)))
+    if state == "complete" and (folder.folder / DONE_DIR).is_dir():
+        damaged |= set(range(units)) - folder.done_units()
+    return sorted(damaged)
 
 
 # Parameters too long or too technical for a one-line summary; `vfx inspect` shows them all.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -62,6 +63,7 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
         @functools.wraps(func)
         def wrapper(*args, **kw):
             try:
+                check_text_args(kw)
                 return func(*args, **kw)
             except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
                 raise
@@ -79,9 +81,13 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
             except OSError as exc:
                 if DEBUG["on"]:
                     traceback.print_exc()
-                code = EXIT_TEMPFAIL if exc.errno in {28, 122} else EXIT_FAILURE  # ENOSPC, EDQUOT
-                log.error(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
-                raise typer.Exit(code) from None
+                full = exc.errno in {errno.ENOSPC, errno.EDQUOT}
+                where = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+                if full:  # retryable: finished chunks are kept, so a rerun after freeing space resumes
+                    log.error(f"disk full ({where}); free space, then rerun the same command to resume")
+                else:
+                    log.error(where)
+                raise typer.Exit(EXIT_TEMPFAIL if full else EXIT_FAILURE) from None
             except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
                 if _is_oom(exc):
                     log.error("out of device memory; lower --batch-size or the frame size, then rerun to resume")
@@ -95,6 +101,22 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
         return wrapper
 
     return decorate
+
+
+def check_text_args(kw: dict[str, Any]) -> None:
+    """Refuse text arguments that are not valid UTF-8 (Python carries such argv bytes as lone surrogates).
+
+    Paths are exempt: a file name may legally hold any bytes.
+    """
+    from vfx.errors import BadInput
+
+    for name, value in kw.items():
+        for text in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BadInput(f"--{name.replace('_', '-')} is not valid UTF-8 text") from None
 
 
 def _is_oom(exc: Exception) -> bool:

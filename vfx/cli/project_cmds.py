@@ -56,13 +56,75 @@ def init_cmd(
     emit({"project": str(project.root), "config": project.config}, as_json, f"initialised {project.root / 'vfx.toml'}")
 
 
+StageArg = Annotated[str, typer.Argument(help="encode | invert | flow | decode | eval | regularize | sample.", show_default=False)]
+NameOpt = Annotated[
+    str | None,
+    typer.Option("--name", help="decode: the edit (default: source); eval: the edit or 'inversion'; regularize/sample: the run.",
+                 show_default=False),
+]
+ImagesOpt = Annotated[
+    int | None,
+    typer.Option("--images", help="regularize: --num-images; sample: prompts x --num-images.", show_default=False),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="regularize/sample: images per unit (the stage's --batch-size).")]
+
+
+@command(app, "plan")
+def plan_cmd(
+    root: ProjectDir,
+    stage: StageArg,
+    name: NameOpt = None,
+    chunk_frames: Annotated[int | None, typer.Option("--chunk-frames", help="Plan for this chunk size instead of frames/'s.", show_default=False)] = None,
+    per_shard: Annotated[int, typer.Option("--per-shard", help="Units (chunks or image groups) per array task.")] = 1,
+    images: ImagesOpt = None,
+    batch_size: BatchOpt = 4,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print how many shards (SLURM array tasks) a stage needs, before it runs: `--array=0-$((N-1))`."""
+    from vfx.plan import Request, count_units, shard_count, stage_folder
+
+    project = Project.open(root)
+    request = Request(stage, name, chunk_frames, images, batch_size)
+    stage_folder(project, request)  # checks the stage and the name
+    units = count_units(project, request)
+    shards = shard_count(units, per_shard)
+    emit({"stage": stage, "units": units, "per_shard": per_shard, "shards": shards,
+          "array": f"0-{shards - 1}"}, as_json, str(shards))
+
+
+def missing_text(project: Project, request, shards: int | None, verify: bool) -> dict:
+    """`status --missing`: the array indices of `shards` whose units are not done (or damaged)."""
+    from vfx.plan import array_spec, count_units, missing_shards, recorded_units, stage_folder
+
+    folder = stage_folder(project, request)
+    units = recorded_units(folder) or count_units(project, request)
+    count = shards or units
+    indices = missing_shards(folder, units, count, verify)
+    return {"stage": request.stage, "folder": str(folder), "units": units, "shards": count,
+            "missing": indices, "array": array_spec(indices)}
+
+
 @command(app, "status")
-def status_cmd(root: ProjectDir, as_json: JsonOpt = False) -> None:
-    """Every stage: missing / partial (k of n chunks) / complete / stale, with parameters, sizes and timings."""
+def status_cmd(
+    root: ProjectDir,
+    verify: Annotated[bool, typer.Option("--verify", help="Read back every done chunk and check it against its checksum.")] = False,
+    missing: Annotated[str | None, typer.Option("--missing", help="Print only the array indices of STAGE still to run, as `--array=` syntax.", show_default=False)] = None,
+    shards: Annotated[int | None, typer.Option("--shards", help="With --missing: the array's task count (default: one per unit).", show_default=False)] = None,
+    name: NameOpt = None,
+    images: ImagesOpt = None,
+    batch_size: BatchOpt = 4,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every stage: missing / partial (k of n chunks) / complete / stale / damaged, with parameters, sizes and timings."""
+    from vfx.plan import Request
     from vfx.status import human_bytes, key_params, stage_states
 
     project = Project.open(root)
-    rows = stage_states(project)
+    if missing is not None:
+        result = missing_text(project, Request(missing, name, None, images, batch_size), shards, verify)
+        emit(result, as_json, result["array"])
+        return
+    rows = stage_states(project, verify)
     if as_json:
         emit({"project": str(project.root), "stages": rows}, True)
         return
@@ -77,6 +139,8 @@ def status_cmd(root: ProjectDir, as_json: JsonOpt = False) -> None:
         seconds = f"{row['seconds']:.1f}s" if row.get("seconds") is not None else ""
         params = key_params(row.get("params", {})) if state != "missing" else row.get("hint", "")
         size = human_bytes(row["bytes"]) if "bytes" in row else ""
+        if row.get("damaged_units"):
+            params = f"damaged chunks {row['damaged_units']}; rerun the stage to repair"
         table.add_row(row["folder"], row["stage"], f"[{colours.get(state, 'white')}]{state}", chunks, size, seconds, params)
     log.out.print(table)
 
@@ -135,6 +199,9 @@ def model_tiny_cmd(
     emit({"model": str(folder), "variant": variant}, as_json, str(folder))
 
 
+MAX_DEMO_FRAMES, MAX_DEMO_SIZE = 100_000, 4096  # a test clip, not a way to fill the disk
+
+
 @command(app, "demo-video")
 def demo_video_cmd(
     out: Annotated[Path, typer.Argument(help="Where to write the .mp4.", show_default=False)],
@@ -145,8 +212,8 @@ def demo_video_cmd(
     """Write a small generated test clip (a textured disc moving over a gradient)."""
     from vfx.media import synthetic_video
 
-    if frames < 1 or size < 16 or fps < 1:
-        raise BadInput("need --frames >= 1, --size >= 16 and --fps >= 1")
+    if not (1 <= frames <= MAX_DEMO_FRAMES and 16 <= size <= MAX_DEMO_SIZE and 1 <= fps <= 240):
+        raise BadInput(f"need 1 <= --frames <= {MAX_DEMO_FRAMES}, 16 <= --size <= {MAX_DEMO_SIZE} and 1 <= --fps <= 240")
     if out.exists():
         raise BadInput(f"{out} exists; choose a new file name")
     synthetic_video(out, frames, size, fps)

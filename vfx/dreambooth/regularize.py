@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vfx.errors import BadInput
 from vfx.fsutil import atomic_write_json, read_json
-from vfx.stage import RECORD, StageRun, fingerprint
+from vfx.stage import RECORD, Part, StageRun, fingerprint
 from vfx.stages.common import Settings, outcome, run_units, up_to_date_result
 from vfx.store import chunk_ranges
 from vfx.dreambooth.data import check_prompt, run_folder
@@ -94,7 +94,10 @@ def regularize(
             write_png(folder / image_name(i), image, {"key": key_hash, "group": [start, end], "index": i, "seed": seed + i})
         return [images]
 
-    computed = run_units(run, pending, work, "regularize", on_start=settings.pipeline)
+    def parts(unit: int) -> list[Part]:
+        return [Part(image_name(i)) for i in range(*ranges[unit])]
+
+    computed = run_units(run, pending, work, "regularize", on_start=settings.pipeline, parts=parts)
 
     def finalize() -> dict:
         manifest = {

@@ -13,7 +13,7 @@ from vfx import log
 from vfx.errors import BadInput
 from vfx.fsutil import atomic_write_json, read_json
 from vfx.models import resolve_model
-from vfx.stage import StageRun
+from vfx.stage import Part, StageRun
 from vfx.stages.common import Settings, outcome, run_units, up_to_date_result
 from vfx.dreambooth.data import check_prompt, run_folder
 from vfx.dreambooth.images import generate, grid, native_resolution, write_png
@@ -132,7 +132,10 @@ def sample(
             write_png(folder / image_name(p, j), image, {"prompt": prompts[p], "seed": seed + j, "model": model.identity})
         return [images]
 
-    computed = run_units(run, pending, work, "sample", on_start=load)
+    def parts(unit: int) -> list[Part]:
+        return [Part(image_name(*divmod(i, num_images))) for i in range(*ranges[unit])]
+
+    computed = run_units(run, pending, work, "sample", on_start=load, parts=parts)
 
     def finalize() -> dict:
         from vfx.media import read_image

@@ -15,7 +15,7 @@ from vfx.distributed import local_device
 from vfx.models import ModelRef, load_pipeline, resolve_model
 from vfx.project import Project
 from vfx.runtime import dtype_name, resolve_device, resolve_dtype
-from vfx.stage import Shard, StageFolder, StageRun, array_checksum
+from vfx.stage import Part, Shard, StageFolder, StageRun, array_checksum, parts_checksum
 
 
 @dataclass
@@ -80,9 +80,13 @@ def run_units(
     steps_per_unit: int = 0,
     unit_name: str = "chunks",
     on_start: Callable[[], object] | None = None,
+    parts: Callable[[int], list[Part]] | None = None,
 ) -> int:
     """Run `work(unit, bar)` for each pending unit, marking each done with a checksum of what it wrote.
 
+    With `parts` (unit -> where it stores its results), the checksum is of the stored bytes read
+    back, and the marker names the parts, so `vfx status --verify` and reruns can re-check them;
+    without, it is of the arrays `work` returns.
     With `steps_per_unit`, the bar counts those steps (work advances it); else it counts units.
     `on_start` (e.g. loading the model) runs first, only when there is work, outside the bar's timing.
     """
@@ -93,7 +97,9 @@ def run_units(
         for unit in pending:
             began = time.perf_counter()
             written = work(unit, bar)
-            run.mark_done(unit, array_checksum(written), round(time.perf_counter() - began, 3))
+            stored = parts(unit) if parts else None
+            checksum = parts_checksum(run.path, stored) if stored else array_checksum(written)
+            run.mark_done(unit, checksum, round(time.perf_counter() - began, 3), parts=stored)
             if not steps_per_unit:
                 bar.advance()
     return len(pending)

@@ -17,7 +17,7 @@ from vfx import log
 from vfx.errors import BadInput
 from vfx.media import write_mp4
 from vfx.project import validate_name
-from vfx.stage import StageRun
+from vfx.stage import Part, StageRun
 from vfx.stages.common import Settings, outcome, run_units, up_to_date_result, upstream
 from vfx.store import chunk_ranges, create_array, open_array
 
@@ -95,7 +95,10 @@ def decode(settings: Settings, edit: str | None = None, batch_size: int = 4, png
                 Image.fromarray(frame).save(png_dir / f"{index:05d}.png")
         return {"frames": written, "fps": str(fps), "video": str(folder / "video.mp4")}
 
-    computed = run_units(run, pending, work, f"decode {name}", on_start=settings.pipeline)
+    def parts(unit: int) -> list[Part]:
+        return [Part("frames.zarr", *ranges[unit])]
+
+    computed = run_units(run, pending, work, f"decode {name}", on_start=settings.pipeline, parts=parts)
     complete = run.finish(finalize)
     if complete:
         log.info(f"decode: {count} frames -> {folder / 'video.mp4'}")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from vfx.errors import BadInput
-from vfx.stage import StageRun
+from vfx.stage import Part, StageRun
 from vfx.stages.common import Settings, outcome, run_units, up_to_date_result, upstream
 from vfx.store import chunk_ranges, create_array, open_array
 
@@ -63,5 +63,8 @@ def encode(settings: Settings, batch_size: int = 4) -> dict:
         latents[start:end] = result
         return [result]
 
-    computed = run_units(run, pending, work, "encode", on_start=settings.pipeline)
+    def parts(unit: int) -> list[Part]:
+        return [Part(ARRAY, *ranges[unit])]
+
+    computed = run_units(run, pending, work, "encode", on_start=settings.pipeline, parts=parts)
     return outcome(run, run.finish(), computed)

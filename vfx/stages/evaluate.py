@@ -19,7 +19,7 @@ from vfx import log, metrics
 from vfx.errors import BadInput, MissingStage
 from vfx.fsutil import atomic_write_json, read_json
 from vfx.project import Project, validate_name
-from vfx.stage import Shard, StageFolder, StageRun
+from vfx.stage import Part, Shard, StageFolder, StageRun
 from vfx.stages.common import outcome, run_units, up_to_date_result
 from vfx.stages.flow import flow_upstream, frames_upstream
 from vfx.store import chunk_ranges, open_array
@@ -226,7 +226,10 @@ def evaluate(
             raise BadInput(f"{parts_dir} is missing results; rerun with --force")
         return gather(plan, parts, count)
 
-    computed = run_units(run, pending, work, f"eval {plan.name}")
+    def parts(unit: int) -> list[Part]:
+        return [Part(f"parts/{unit:06d}.json")]
+
+    computed = run_units(run, pending, work, f"eval {plan.name}", parts=parts)
     complete = run.finish(finalize)
     summary = run.folder.record()["summary"] if complete else None
     return outcome(run, complete, computed, {"name": plan.name, "metrics": summary})

@@ -13,7 +13,7 @@ import numpy as np
 from vfx import flow as F
 from vfx.errors import BadInput
 from vfx.project import Project
-from vfx.stage import Shard, StageFolder, StageRun
+from vfx.stage import Part, Shard, StageFolder, StageRun
 from vfx.stages.common import outcome, run_units, up_to_date_result
 from vfx.store import chunk_ranges, create_array, open_array
 
@@ -81,6 +81,9 @@ def compute_flow(project: Project, preset: str = F.DEFAULT_PRESET, shard: Shard 
         return {"pairs": count - 1, "method": F.METHOD, "preset": preset, "opencv": cv2.__version__,
                 "mean_magnitude": round(magnitude / pixels, 4), "occluded_fraction": round(occluded / pixels, 4)}
 
-    computed = run_units(run, pending, work, f"flow ({preset})")
+    def parts(unit: int) -> list[Part]:
+        return [Part(f"{name}.zarr", *ranges[unit]) for name in ARRAYS]
+
+    computed = run_units(run, pending, work, f"flow ({preset})", parts=parts)
     complete = run.finish(finalize)
     return outcome(run, complete, computed, {"method": F.METHOD, "preset": preset})

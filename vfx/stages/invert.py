@@ -20,7 +20,7 @@ from vfx.diffusion.text import encode_prompt
 from vfx.errors import BadInput
 from vfx.media import write_mp4
 from vfx.metrics import psnr
-from vfx.stage import StageRun
+from vfx.stage import Part, StageRun
 from vfx.stages.common import Settings, outcome, run_units, up_to_date_result, upstream
 from vfx.stages.decode import decode_latents
 from vfx.store import chunk_ranges, create_array, open_array
@@ -147,7 +147,14 @@ def invert(settings: Settings, steps: int = 500, save_steps: int = 50, prompt: s
         return written
 
     per_unit = chunk * len(grid) * (2 if reconstruction else 1)
-    computed = run_units(run, pending, work, "invert", steps_per_unit=per_unit, unit_name="frame-steps")
+    def parts(unit: int) -> list[Part]:
+        start, end = ranges[unit]
+        stored = [Part("trajectory.zarr", start, end, axis=1)]
+        if reconstruction:
+            stored += [Part("reconstruction_latents.zarr", start, end), Part("reconstruction.zarr", start, end)]
+        return stored
+
+    computed = run_units(run, pending, work, "invert", steps_per_unit=per_unit, unit_name="frame-steps", parts=parts)
 
     def finalize() -> dict:
         summary = {"timesteps": saved, "frames": count}

@@ -1,0 +1,206 @@
+"""Fault campaigns over the shardable stages: SIGKILL at random points, concurrent shards, damaged
+chunks and records, a full disk. Every campaign must end with the bytes of an uninterrupted run.
+
+tests/test_stage_engine.py holds the single-kill and basic concurrency cases; these generalise them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import invoke
+from test_bad_input import snapshot
+from test_stage_engine import chunk_files, cli_env, copy_project
+
+# stage -> (folder, arrays compared, CLI arguments after the project directory)
+STAGES = {
+    "encode": ("latents", ("latents.zarr",), ()),
+    "invert": ("inversion", ("trajectory.zarr", "reconstruction_latents.zarr", "reconstruction.zarr"),
+               ("--steps", "20", "--save-steps", "5")),
+    "flow": ("flow", ("forward.zarr", "backward.zarr", "occlusion_forward.zarr", "occlusion_backward.zarr"), ()),
+    "decode": ("decoded/source", ("frames.zarr",), ()),
+}
+ORDER = ("encode", "invert", "flow", "decode")
+UPSTREAM = {"encode": ("frames",), "invert": ("frames", "latents"), "flow": ("frames",), "decode": ("frames", "latents")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """Every stage run uninterrupted, in one process, on 6 frames in chunks of one frame."""
+    from vfx.media import synthetic_video
+
+    base = tmp_path_factory.mktemp("reference")
+    video = synthetic_video(base / "clip.mp4", frames=6, size=64, fps=12)
+    root = base / "proj"
+    assert invoke("init", root, "--video", video, "--size", "64x64", "--chunk-frames", "1").exit_code == 0
+    assert invoke("extract", root).exit_code == 0
+    for stage in ORDER:
+        result = invoke(stage, root, *STAGES[stage][2])
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def vfx(stage: str, root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vfx", stage, str(root), *STAGES[stage][2], *extra]
+
+
+def markers(folder: Path) -> int:
+    return len(list((folder / ".done").glob("*.json"))) if (folder / ".done").is_dir() else 0
+
+
+def kill_at_random_point(stage: str, root: Path, rng: random.Random) -> None:
+    """Start the stage, let it finish a random number (maybe zero) of further chunks, then SIGKILL it."""
+    folder = root / STAGES[stage][0]
+    target = markers(folder) + rng.randint(0, 2)
+    proc = subprocess.Popen(vfx(stage, root), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and markers(folder) < target:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.05))  # land anywhere: mid-chunk, mid-marker, mid-record
+    with contextlib.suppress(ProcessLookupError):  # a fast stage may have finished already
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_shards(stage: str, root: Path, count: int) -> None:
+    procs = [subprocess.Popen(vfx(stage, root, "--shard", f"{k}/{count}"), env=cli_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for k in range(count)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+
+
+def assert_same_arrays(stage: str, root: Path, reference: Path) -> None:
+    folder, arrays, _ = STAGES[stage]
+    for array in arrays:
+        assert chunk_files(root / folder / array) == chunk_files(reference / folder / array), (stage, array)
+
+
+@pytest.mark.parametrize("stage", ORDER)
+def test_random_kills_then_concurrent_shards_give_identical_bytes(stage, reference, tmp_path):
+    """Three SIGKILLs at random points, then two concurrent shards finish: the bytes of one clean run."""
+    root = copy_project(reference, tmp_path / "proj", UPSTREAM[stage])
+    rng = random.Random(f"{stage}-campaign")
+    for _ in range(3):
+        kill_at_random_point(stage, root, rng)
+    run_shards(stage, root, 2)
+    assert_same_arrays(stage, root, reference)
+    record = json.loads((root / STAGES[stage][0] / "stage.json").read_text())
+    assert record["state"] == "complete"
+    assert invoke(stage, root, *STAGES[stage][2], "--json").stdout.count('"up_to_date": true') == 1
+
+
+def verify(root: Path) -> dict[str, dict]:
+    result = invoke("status", root, "--verify", "--json")
+    assert result.exit_code == 0, result.output
+    return {row["folder"]: row for row in json.loads(result.stdout)["stages"]}
+
+
+def chunk_path(array: Path, unit: int) -> Path:
+    return array / "c" / str(unit) / "0" / "0" / "0"
+
+
+DAMAGE = {
+    "flipped bytes": lambda path: path.write_bytes(path.read_bytes()[:8] + b"\xff\x00" * 4 + path.read_bytes()[16:]),
+    "truncated chunk": lambda path: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2]),
+    "deleted chunk": lambda path: path.unlink(),
+}
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+def test_damaged_chunk_is_reported_and_repaired(how, reference, tmp_path):
+    root = copy_project(reference, tmp_path / "proj", ("frames", "latents", "inversion"))
+    DAMAGE[how](chunk_path(root / "latents" / "latents.zarr", 4))
+    rows = verify(root)
+    assert rows["latents"]["state"] == "damaged" and rows["latents"]["damaged_units"] == [4]
+    assert rows["inversion"]["state"] == "complete"  # repair keeps the fingerprint: downstream stays valid
+    assert invoke("status", root, "--missing", "encode", "--verify").stdout.strip() == "4"
+    assert invoke("status", root, "--missing", "encode", "--verify", "--shards", "2").stdout.strip() == "1"
+    result = invoke("encode", root, "--json")
+    assert result.exit_code == 0 and '"computed_units": 1' in result.stdout, result.output
+    assert verify(root)["latents"]["state"] == "complete"
+    assert_same_arrays("encode", root, reference)
+
+
+def test_torn_marker_and_record_are_damage_too(reference, tmp_path):
+    root = copy_project(reference, tmp_path / "proj", ("frames", "latents", "flow"))
+    marker = root / "latents" / ".done" / "000002.json"
+    marker.write_text(marker.read_text()[:10])
+    record = root / "flow" / "stage.json"
+    record.write_text(record.read_text()[:40])
+    rows = verify(root)
+    assert rows["latents"]["damaged_units"] == [2]
+    assert rows["flow"]["state"] == "damaged"
+    assert "damaged" in invoke("status", root).stdout
+    assert '"computed_units": 1' in invoke("encode", root, "--json").stdout
+    assert invoke("flow", root).exit_code == 0  # an unreadable record: the stage starts over
+    rows = verify(root)
+    assert rows["latents"]["state"] == rows["flow"]["state"] == "complete"
+    assert_same_arrays("encode", root, reference)
+    assert_same_arrays("flow", root, reference)
+
+
+def test_full_disk_is_a_clear_retryable_error(reference, tmp_path, monkeypatch):
+    """ENOSPC on the third chunk written: one line, exit 75, earlier artifacts intact, a rerun resumes."""
+    import zarr.storage
+
+    root = copy_project(reference, tmp_path / "proj", ("frames",))
+    before = snapshot(root / "frames")
+    real_set = zarr.storage.LocalStore.set
+    writes = {"n": 0}
+
+    async def filling_set(self, key, value):
+        if key.startswith("c/"):
+            writes["n"] += 1
+            if writes["n"] >= 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", filling_set)
+    result = invoke("encode", root)
+    assert result.exit_code == 75, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "disk full" in lines[0] and "rerun" in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert snapshot(root / "frames") == before
+    assert len(list((root / "latents" / ".done").glob("*.json"))) == 2
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", real_set)
+    assert '"computed_units": 4' in invoke("encode", root, "--json").stdout
+    assert_same_arrays("encode", root, reference)
+
+
+def test_plan_and_missing_match_the_array(reference, tmp_path):
+    root = copy_project(reference, tmp_path / "proj", ("frames",))
+    assert invoke("plan", root, "encode").stdout.strip() == "6"
+    assert invoke("plan", root, "flow").stdout.strip() == "5"  # frame pairs
+    assert invoke("plan", root, "invert", "--per-shard", "4").stdout.strip() == "2"
+    assert json.loads(invoke("plan", root, "decode", "--json").stdout)["array"] == "0-5"
+    assert invoke("plan", root, "regularize", "--name", "dog", "--images", "10", "--batch-size", "4").stdout.strip() == "3"
+    assert invoke("status", root, "--missing", "encode").stdout.strip() == "0-5"
+    for shard in ("1/6", "2/6", "4/6", "5/6"):
+        assert invoke("encode", root, "--shard", shard).exit_code == 0
+    assert invoke("status", root, "--missing", "encode").stdout.strip() == "0,3"
+    assert invoke("status", root, "--missing", "encode", "--shards", "3").stdout.strip() == "0-1"
+    assert invoke("plan", root, "nonsense").exit_code == 2
+    assert invoke("plan", root, "sample", "--name", "dog").exit_code == 2
+
+
+def test_array_spec_syntax():
+    from vfx.plan import array_spec
+
+    assert array_spec([0, 1, 2, 3, 7, 9, 10, 11]) == "0-3,7,9-11"
+    assert array_spec([]) == ""
+    assert array_spec([5]) == "5"

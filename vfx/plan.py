@@ -1,0 +1,117 @@
+"""Job-array sizing: how many units a shardable stage has, and which array indices still have work.
+
+A stage's units are fixed by its upstream artifact (frame stages: the chunks of frames/frames.zarr;
+DreamBooth stages: groups of --batch-size images), so they can be counted before the stage runs.
+`vfx plan` turns that into the number of SLURM array tasks; `vfx status --missing` lists the
+tasks whose units are not done, in the syntax `sbatch --array=` takes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from vfx.errors import BadInput
+from vfx.project import Project, validate_name
+from vfx.stage import Shard, StageFolder
+from vfx.store import open_array
+
+# Frame-chunked stages: output folder (NAME: an edit or eval name) and whether units are frame pairs.
+FRAME_STAGES = {
+    "encode": ("latents", False),
+    "invert": ("inversion", False),
+    "flow": ("flow", True),
+    "decode": ("decoded/{name}", False),
+    "eval": ("eval/{name}", False),
+}
+IMAGE_STAGES = {"regularize": "dreambooth/{name}/class", "sample": "dreambooth/{name}/samples"}
+SHARDABLE = tuple(FRAME_STAGES) + tuple(IMAGE_STAGES)
+DEFAULT_NAMES = {"decode": "source", "eval": "source"}
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a stage will be run with, as far as its unit count depends on it."""
+
+    stage: str
+    name: str | None = None  # decode: edit (default source); eval: edit or 'inversion'; regularize/sample: run
+    chunk_frames: int | None = None  # a different chunk size than frames/ has (a re-extract)
+    images: int | None = None  # regularize: --num-images; sample: prompts x --num-images
+    batch_size: int = 4
+
+
+def check_stage(stage: str) -> str:
+    if stage not in SHARDABLE:
+        raise BadInput(f"unknown or unshardable stage {stage!r}: use one of {', '.join(SHARDABLE)}")
+    return stage
+
+
+def stage_folder(project: Project, request: Request) -> Path:
+    """The stage's output folder inside the project."""
+    stage = check_stage(request.stage)
+    template = FRAME_STAGES[stage][0] if stage in FRAME_STAGES else IMAGE_STAGES[stage]
+    name = request.name or DEFAULT_NAMES.get(stage)
+    if "{name}" in template and not name:
+        raise BadInput(f"{stage} needs --name (the DreamBooth run)")
+    folder = template.format(name=validate_name(name, "name") if name else "")
+    return project.path(*folder.split("/"))
+
+
+def recorded_units(folder: Path) -> int | None:
+    """The unit count in the stage's record, when it has run (or started)."""
+    rec = StageFolder(folder).record()
+    return int(rec["units"]) if rec and isinstance(rec.get("units"), int) else None
+
+
+def count_units(project: Project, request: Request) -> int:
+    """The number of units the stage will have, from its upstream artifact (or the request)."""
+    stage = check_stage(request.stage)
+    if stage in IMAGE_STAGES:
+        if not request.images or request.images < 1 or request.batch_size < 1:
+            raise BadInput(f"{stage} units are groups of --batch-size images: give --images N (and --batch-size)")
+        return math.ceil(request.images / request.batch_size)
+    frames = StageFolder(project.path("frames"))
+    frames.require_complete("extract", f"vfx extract {project.root} --video FILE")
+    array = open_array(project.path("frames", "frames.zarr"))
+    chunk = request.chunk_frames or array.chunks[0]
+    if chunk < 1:
+        raise BadInput("--chunk-frames must be at least 1")
+    items = array.shape[0] - (1 if FRAME_STAGES[stage][1] else 0)
+    return math.ceil(max(items, 0) / chunk)
+
+
+def shard_count(units: int, per_shard: int = 1) -> int:
+    """Array tasks to request so each gets about `per_shard` units."""
+    if per_shard < 1:
+        raise BadInput("--per-shard must be at least 1")
+    return max(1, math.ceil(units / per_shard))
+
+
+def missing_shards(folder: Path, units: int, shards: int, verify: bool = False) -> list[int]:
+    """Shard indices (of `shards`) owning a unit not done (or, with `verify`, damaged)."""
+    if shards < 1:
+        raise BadInput("--shards must be at least 1")
+    sf = StageFolder(folder)
+    rec = sf.record()
+    complete = bool(rec) and rec.get("state") == "complete"
+    # A complete record vouches for every unit, unless verifying (then each marker must be there).
+    done = set(range(units)) if complete and not verify else sf.done_units()
+    damaged = set(sf.damaged_units(done)) if verify else set()
+    missing = []
+    for index in range(shards):
+        owned = Shard(index, shards).units(units)
+        if any(unit not in done or unit in damaged for unit in owned):
+            missing.append(index)
+    return missing
+
+
+def array_spec(indices: list[int]) -> str:
+    """Indices as `sbatch --array=` syntax: runs collapsed, e.g. [0,1,2,3,7,9,10,11] -> '0-3,7,9-11'."""
+    runs: list[list[int]] = []
+    for index in sorted(set(indices)):
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
