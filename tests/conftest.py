@@ -26,6 +26,17 @@ def model_cache(tmp_path_factory) -> Path:
     return Path(cache)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Byte-identity holds for one thread count: CPU kernels split reductions by thread. Tests compare
+    in-process runs with subprocess runs (which may run side by side on few cores, where busy-waiting
+    thread pools thrash), so every test and every subprocess it starts uses one thread."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m vfx ARGS` in a subprocess (the real entry point, exit codes and all)."""
     full_env = dict(os.environ)

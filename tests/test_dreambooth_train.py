@@ -285,7 +285,8 @@ def test_bad_input_exits_2_with_one_error_and_touches_nothing(db, finished, tmp_
     if "--name" in extra:
         args[args.index("--name") + 1] = extra[1]
         extra = []
-    result = invoke(*args, *extra, "--force")
+    force = () if case.startswith("resume") else ("--force",)  # --force with --resume is refused on its own
+    result = invoke(*args, *extra, *force)
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.output
