@@ -204,3 +204,50 @@ def test_array_spec_syntax():
     assert array_spec([0, 1, 2, 3, 7, 9, 10, 11]) == "0-3,7,9-11"
     assert array_spec([]) == ""
     assert array_spec([5]) == "5"
+
+
+# Stages whose units are images or metric parts: folder, files compared, CLI arguments.
+OTHER_STAGES = {
+    "regularize": ("dreambooth/prior/class", "*.png",
+                   ("--name", "prior", "--class-prompt", "a photo of a dog", "--num-images", "6", "--steps", "2",
+                    "--batch-size", "1", "--size", "64")),
+    "sample": ("dreambooth/prior/samples-base", "*.png",
+               ("--name", "prior", "--base", "--prompt", "a photo of a dog", "--num-images", "6", "--steps", "2",
+                "--batch-size", "1", "--size", "64")),
+    "eval": ("eval/source", "parts/*.json", ("--edit", "source")),
+}
+
+
+def kill_command_at_random_point(command: list[str], folder: Path, rng: random.Random) -> None:
+    target = markers(folder) + rng.randint(0, 2)
+    proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and markers(folder) < target:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.05))
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("stage", list(OTHER_STAGES))
+def test_random_kills_then_shards_for_image_and_metric_stages(stage, reference, tmp_path):
+    """regularize, sample and eval: three random SIGKILLs, then two concurrent shards == one clean run."""
+    folder, pattern, args = OTHER_STAGES[stage]
+    clean = copy_project(reference, tmp_path / "clean", ("frames", "latents", "flow", "decoded"))
+    result = invoke(stage, clean, *args)
+    assert result.exit_code == 0, result.output
+    root = copy_project(reference, tmp_path / "proj", ("frames", "latents", "flow", "decoded"))
+    command = [sys.executable, "-m", "vfx", stage, str(root), *args]
+    rng = random.Random(f"{stage}-campaign")
+    for _ in range(3):
+        kill_command_at_random_point(command, root / folder, rng)
+    procs = [subprocess.Popen(command + ["--shard", f"{k}/2"], env=cli_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for k in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    files = lambda base: {p.relative_to(base): p.read_bytes() for p in sorted(base.glob(pattern))}  # noqa: E731
+    assert files(clean / folder) and files(root / folder) == files(clean / folder)
+    assert json.loads((root / folder / "stage.json").read_text())["state"] == "complete"
