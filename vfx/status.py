@@ -91,8 +91,16 @@ def _damaged(folder: StageFolder, units: int, state: str) -> list[int]:
 HIDDEN_PARAMS = {"source", "source_id", "model", "dtype", "keyframes", "negative_prompt", "chunk_frames", "videos"}
 
 
+def _short(value) -> str:
+    """A dict parameter (e.g. control) as its set values only: canny/100/200."""
+    if isinstance(value, dict):
+        return "/".join(str(v) for v in value.values() if v not in (None, "", [], {}) and not isinstance(v, dict))
+    return str(value)
+
+
 def key_params(params: dict, limit: int = 70) -> str:
-    parts = [f"{key}={value}" for key, value in params.items() if key not in HIDDEN_PARAMS and value not in (None, "", [])]
+    parts = [f"{key}={_short(value)}" for key, value in params.items()
+             if key not in HIDDEN_PARAMS and value not in (None, "", [], {})]
     text = " ".join(parts)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from vfx import log
@@ -128,21 +130,22 @@ def status_cmd(
     if as_json:
         emit({"project": str(project.root), "stages": rows}, True)
         return
-    table = Table(title=f"vfx project {project.root}", title_justify="left", expand=True)
+    table = Table(title=f"vfx project {project.root}", title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("folder", "stage", "state", "chunks", "size", "time"):
         table.add_column(column, no_wrap=True)
-    table.add_column("parameters", overflow="fold", ratio=1)
     colours = {"complete": "green", "partial": "yellow", "stale": "magenta", "missing": "dim", "damaged": "red"}
+    details = []
     for row in rows:
         state = row["state"]
         chunks = f"{row['done']}/{row['units']}" if row.get("units") else ""
         seconds = f"{row['seconds']:.1f}s" if row.get("seconds") is not None else ""
-        params = key_params(row.get("params", {})) if state != "missing" else row.get("hint", "")
         size = human_bytes(row["bytes"]) if "bytes" in row else ""
-        if row.get("damaged_units"):
-            params = f"damaged chunks {row['damaged_units']}; rerun the stage to repair"
-        table.add_row(row["folder"], row["stage"], f"[{colours.get(state, 'white')}]{state}", chunks, size, seconds, params)
+        table.add_row(row["folder"], row["stage"], f"[{colours.get(state, 'white')}]{state}", chunks, size, seconds)
+        text = key_params(row.get("params", {}), limit=200) if state != "missing" else row.get("hint", "")
+        if text:
+            details.append(f"  [bold]{row['folder']}[/bold]: {escape(text)}")
     log.out.print(table)
+    log.out.print("\n".join(details))
 
 
 @command(app, "inspect")
