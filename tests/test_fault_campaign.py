@@ -61,10 +61,13 @@ def markers(folder: Path) -> int:
 
 
 def kill_at_random_point(stage: str, root: Path, rng: random.Random) -> None:
-    """Start the stage, let it finish a random number (maybe zero) of further chunks, then SIGKILL it."""
-    folder = root / STAGES[stage][0]
+    kill_command_at_random_point(vfx(stage, root), root / STAGES[stage][0], rng)
+
+
+def kill_command_at_random_point(command: list[str], folder: Path, rng: random.Random) -> None:
+    """Start the command, let it finish a random number (maybe zero) of further units, then SIGKILL it."""
     target = markers(folder) + rng.randint(0, 2)
-    proc = subprocess.Popen(vfx(stage, root), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and markers(folder) < target:
@@ -216,19 +219,6 @@ OTHER_STAGES = {
                 "--batch-size", "1", "--size", "64")),
     "eval": ("eval/source", "parts/*.json", ("--edit", "source")),
 }
-
-
-def kill_command_at_random_point(command: list[str], folder: Path, rng: random.Random) -> None:
-    target = markers(folder) + rng.randint(0, 2)
-    proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and markers(folder) < target:
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0, 0.05))
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.mark.parametrize("stage", list(OTHER_STAGES))
