@@ -161,8 +161,10 @@ class SourceInfo:
         }
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+def image_files(folder: Path) -> list[Path]:
+    """The image files of a folder (by suffix, hidden files skipped), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -185,7 +187,7 @@ def probe(path: Path) -> SourceInfo:
     if not path.exists():
         raise BadInput(f"{path}: no such file or folder")
     if path.is_dir():
-        files = _image_files(path)
+        files = image_files(path)
         if not files:
             raise BadInput(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         first = read_image(files[0])
@@ -220,7 +222,7 @@ def probe(path: Path) -> SourceInfo:
 def iter_source(info: SourceInfo) -> Iterator[tuple[int, float, np.ndarray]]:
     """(index, time in seconds, RGB frame) for every frame, rotation applied; streams from disk."""
     if info.kind == "images":
-        for index, file in enumerate(_image_files(Path(info.path))):
+        for index, file in enumerate(image_files(Path(info.path))):
             frame = read_image(file)
             yield index, float(index / info.fps), frame
         return

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from vfx.errors import BadInput
-from vfx.media import _image_files, read_image
+from vfx.media import image_files, read_image
 
 
 def read_folder(folder: Path, flag: str) -> tuple[list[str], list[np.ndarray]]:
@@ -19,7 +19,7 @@ def read_folder(folder: Path, flag: str) -> tuple[list[str], list[np.ndarray]]:
     if not folder.is_dir():
         raise BadInput(f"{flag} {folder}: no such folder")
     # `vfx sample` writes a contact sheet beside the samples: it is not a sample.
-    files = [f for f in _image_files(folder) if f.name != "grid.png"]
+    files = [f for f in image_files(folder) if f.name != "grid.png"]
     if not files:
         raise BadInput(f"{flag} {folder} holds no images")
     return [f.name for f in files], [read_image(f) for f in files]

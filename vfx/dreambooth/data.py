@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vfx.errors import BadInput
-from vfx.media import IMAGE_SUFFIXES, read_image
+from vfx.media import IMAGE_SUFFIXES, image_files, read_image
 from vfx.project import Project, validate_name
 
 ROOT = "dreambooth"
@@ -30,9 +30,7 @@ def list_images(folder: Path, what: str) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise BadInput(f"{what} folder {folder} does not exist")
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    files = image_files(folder)
     if not files:
         raise BadInput(
             f"{what} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
