@@ -186,6 +186,12 @@ class StageFolder:
         return rec
 
 
+def upstream(project, folder: str, stage: str, command: str) -> dict:
+    """The complete record of an upstream stage of `project`, or an error naming the command to run
+    (`{dir}` in `command` becomes the project directory)."""
+    return StageFolder(project.path(*folder.split("/"))).require_complete(stage, command.format(dir=project.root))
+
+
 class StageRun:
     """One run of a stage: decides what to do, tracks completion, writes the record."""
 

@@ -15,7 +15,7 @@ from vfx.distributed import local_device
 from vfx.models import ModelRef, load_pipeline, resolve_model
 from vfx.project import Project
 from vfx.runtime import dtype_name, resolve_device, resolve_dtype
-from vfx.stage import Part, Shard, StageFolder, StageRun, array_checksum, parts_checksum
+from vfx.stage import Part, Shard, StageRun, array_checksum, parts_checksum
 
 
 @dataclass
@@ -63,13 +63,6 @@ class Settings:
 
     def folder(self, *parts: str) -> Path:
         return self.project.path(*parts)
-
-
-def upstream(settings: Settings, folder: str, stage: str, command: str) -> dict:
-    """The complete record of an upstream stage, or an error naming the command to run."""
-    return StageFolder(settings.folder(*folder.split("/"))).require_complete(
-        stage, command.format(dir=settings.project.root)
-    )
 
 
 def run_units(

@@ -17,8 +17,8 @@ from vfx import log
 from vfx.errors import BadInput
 from vfx.media import write_mp4
 from vfx.project import validate_name
-from vfx.stage import Part, StageRun
-from vfx.stages.common import Settings, outcome, run_units, up_to_date_result, upstream
+from vfx.stage import Part, StageRun, upstream
+from vfx.stages.common import Settings, outcome, run_units, up_to_date_result
 from vfx.store import chunk_ranges, create_array, open_array
 
 SOURCE_NAME = "source"
@@ -40,12 +40,12 @@ def decode_latents(vae, latents: np.ndarray, device: torch.device, batch_size: i
 def source_of(settings: Settings, edit: str | None) -> tuple[str, str, dict, str]:
     """(output name, latents array path, upstream record, upstream folder) for decode."""
     if edit is None:
-        record = upstream(settings, "latents", "encode", "vfx encode {dir}")
+        record = upstream(settings.project, "latents", "encode", "vfx encode {dir}")
         return SOURCE_NAME, "latents/latents.zarr", record, "latents"
     validate_name(edit, "edit name")
     if edit == SOURCE_NAME:
         raise BadInput(f"'{SOURCE_NAME}' is reserved for the source latents; omit --edit to decode them")
-    record = upstream(settings, f"edits/{edit}", f"edit '{edit}'", "vfx edit {dir} --name " + edit + " --prompt ...")
+    record = upstream(settings.project, f"edits/{edit}", f"edit '{edit}'", "vfx edit {dir} --name " + edit + " --prompt ...")
     return edit, f"edits/{edit}/latents.zarr", record, f"edits/{edit}"
 
 
@@ -54,7 +54,7 @@ def decode(settings: Settings, edit: str | None = None, batch_size: int = 4, png
         raise BadInput(f"invalid --batch-size {batch_size}: must be at least 1")
     name, latents_path, record, upstream_folder = source_of(settings, edit)
     latents = open_array(settings.folder(*latents_path.split("/")))
-    frames_record = upstream(settings, "frames", "extract", "vfx extract {dir} --video FILE")
+    frames_record = upstream(settings.project, "frames", "extract", "vfx extract {dir} --video FILE")
     fps = Fraction(frames_record["summary"]["fps"])
     count, _, h, w = latents.shape
     chunk = latents.chunks[0]

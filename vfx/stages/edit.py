@@ -33,8 +33,8 @@ from vfx.dreambooth.weights import apply_lora, lora_file, lora_identity
 from vfx.errors import BadInput, VfxError
 from vfx.models import load_controlnet, resolve_controlnet
 from vfx.project import slugify, validate_name
-from vfx.stage import StageRun
-from vfx.stages.common import Settings, upstream
+from vfx.stage import StageRun, upstream
+from vfx.stages.common import Settings
 from vfx.stages.flow import flow_upstream
 from vfx.store import chunk_ranges, create_array, open_array
 
@@ -207,7 +207,7 @@ def edit(
         raise BadInput(f"unknown --correspondence {correspondence!r}: use {' or '.join(CORRESPONDENCES)}")
     variant = resolve_method(method, start, fresh, pnp_attn_t, pnp_f_t)
     seed = int(settings.project.get("seed", seed))
-    inversion = upstream(settings, "inversion", "invert", "vfx invert {dir}")
+    inversion = upstream(settings.project, "inversion", "invert", "vfx invert {dir}")
     trajectory = open_array(settings.folder("inversion", "trajectory.zarr"))
     saved = [int(t) for t in trajectory.attrs["timesteps"]]
     _, frames, channels, h, w = trajectory.shape
@@ -234,7 +234,7 @@ def edit(
     guide, control_params = prepare_control(settings, pipe.unet, control, control_model, control_scale, canny_low,
                                             canny_high)
     if guide is not None:
-        upstream(settings, "frames", "extract", "vfx extract {dir} --video FILE")
+        upstream(settings.project, "frames", "extract", "vfx extract {dir} --video FILE")
         frames_array = open_array(settings.folder("frames", "frames.zarr"))
         if frames_array.shape[1:3] != (8 * h, 8 * w):
             raise BadInput(f"frames/ are {frames_array.shape[2]}x{frames_array.shape[1]}, the latents {8 * w}x{8 * h}; "
@@ -261,7 +261,7 @@ def edit(
 
     noise = fresh_noise(seed, (channels, h, w)) if variant["fresh_noise"] else None
     if reference or noise is not None:
-        upstream(settings, "latents", "encode", "vfx encode {dir}")
+        upstream(settings.project, "latents", "encode", "vfx encode {dir}")
     control_path = folder / "control.zarr"
 
     def create() -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from vfx.errors import BadInput
-from vfx.stage import Part, StageRun
-from vfx.stages.common import Settings, outcome, run_units, up_to_date_result, upstream
+from vfx.stage import Part, StageRun, upstream
+from vfx.stages.common import Settings, outcome, run_units, up_to_date_result
 from vfx.store import chunk_ranges, create_array, open_array
 
 FOLDER = "latents"
@@ -33,7 +33,7 @@ def encode_frames(vae, frames: np.ndarray, device: torch.device, batch_size: int
 def encode(settings: Settings, batch_size: int = 4) -> dict:
     if batch_size < 1:
         raise BadInput(f"invalid --batch-size {batch_size}: must be at least 1")
-    frames_record = upstream(settings, "frames", "extract", "vfx extract {dir} --video FILE")
+    frames_record = upstream(settings.project, "frames", "extract", "vfx extract {dir} --video FILE")
     frames = open_array(settings.folder("frames", "frames.zarr"))
     count, height, width, _ = frames.shape
     chunk = frames.chunks[0]

@@ -13,7 +13,7 @@ import numpy as np
 from vfx import flow as F
 from vfx.errors import BadInput
 from vfx.project import Project
-from vfx.stage import Part, Shard, StageFolder, StageRun
+from vfx.stage import Part, Shard, StageRun, upstream
 from vfx.stages.common import outcome, run_units, up_to_date_result
 from vfx.store import chunk_ranges, create_array, open_array
 
@@ -22,12 +22,12 @@ ARRAYS = ("forward", "backward", "occlusion_forward", "occlusion_backward")
 
 
 def frames_upstream(project: Project) -> dict:
-    return StageFolder(project.path("frames")).require_complete("extract", f"vfx extract {project.root} --video FILE")
+    return upstream(project, "frames", "extract", "vfx extract {dir} --video FILE")
 
 
 def flow_upstream(project: Project) -> dict:
     """The complete flow record, or an error naming `vfx flow DIR`."""
-    return StageFolder(project.path(FOLDER)).require_complete("flow", f"vfx flow {project.root}")
+    return upstream(project, FOLDER, "flow", "vfx flow {dir}")
 
 
 def compute_flow(project: Project, preset: str = F.DEFAULT_PRESET, shard: Shard | None = None, force: bool = False) -> dict:

@@ -20,8 +20,8 @@ from vfx.diffusion.text import encode_prompt
 from vfx.errors import BadInput
 from vfx.media import write_mp4
 from vfx.metrics import psnr
-from vfx.stage import Part, StageRun
-from vfx.stages.common import Settings, outcome, run_units, up_to_date_result, upstream
+from vfx.stage import Part, StageRun, upstream
+from vfx.stages.common import Settings, outcome, run_units, up_to_date_result
 from vfx.stages.decode import decode_latents
 from vfx.store import chunk_ranges, create_array, open_array
 
@@ -90,7 +90,7 @@ def invert(settings: Settings, steps: int = 500, save_steps: int = 50, prompt: s
            batch_size: int = 8, reconstruction: bool = True) -> dict:
     if batch_size < 1:
         raise BadInput(f"invalid --batch-size {batch_size}: must be at least 1")
-    latents_record = upstream(settings, "latents", "encode", "vfx encode {dir}")
+    latents_record = upstream(settings.project, "latents", "encode", "vfx encode {dir}")
     prompt = settings.project.get("prompt", prompt) or ""
     latents = open_array(settings.folder("latents", "latents.zarr"))
     count, channels, h, w = latents.shape
