@@ -62,10 +62,13 @@ def test_loss_is_instance_plus_weighted_prior_and_each_term_is_an_mse():
 
 def test_prior_weight_zero_leaves_the_gradients_unchanged(tiny_unet):
     """With λ = 0, class examples in the batch change no gradient; with λ = 1 they do."""
-    unet, scheduler = tiny_unet
+    import copy
+
+    # In float64, so that "unchanged" can be checked at the precision's own rounding level.
+    unet, scheduler = copy.deepcopy(tiny_unet[0]).double(), tiny_unet[1]
     torch.manual_seed(1)
-    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    timesteps, cond = torch.tensor([100, 700]), torch.randn(2, 77, 32)
+    latents, noise = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    timesteps, cond = torch.tensor([100, 700]), torch.randn(2, 77, 32, dtype=torch.float64)
 
     def grads(batch: int, weight: float) -> list[torch.Tensor]:
         unet.zero_grad(set_to_none=True)
@@ -76,10 +79,13 @@ def test_prior_weight_zero_leaves_the_gradients_unchanged(tiny_unet):
         return [p.grad.clone() for p in unet.parameters()]
 
     alone, with_zero, with_one = grads(1, 0.0), grads(2, 0.0), grads(2, 1.0)
-    # Equal up to float rounding: a batch of 2 runs other kernel blockings than a batch of 1.
-    for a, b in zip(alone, with_zero):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert max(float((a - b).abs().max()) for a, b in zip(alone, with_one)) > 1e-4
+    # A batch of 2 runs other kernel blockings than a batch of 1, so sums round differently. Every
+    # gradient is a sum of terms no larger than the largest gradient entry, so the rounding is bounded
+    # by a few dozen float64 epsilons of that scale (about 5 are measured on the tiny UNet).
+    scale = max(float(g.abs().max()) for g in alone)
+    rounding = 64 * torch.finfo(torch.float64).eps * scale
+    assert max(float((a - b).abs().max()) for a, b in zip(alone, with_zero)) <= rounding
+    assert max(float((a - b).abs().max()) for a, b in zip(alone, with_one)) > 1e-3 * scale
 
 
 def test_v_prediction_target_and_snr_weights():
