@@ -9,7 +9,7 @@ SHARED_VIDEO ?= ../shared/data/videos/woman-running.mp4
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,13 +19,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Run the test suite (fast tests; CI runs this).
+## Run the whole test suite, slow campaigns included (CI runs this); only GPU tests are left out.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+	$(BIN)/python -m pytest -q -m "not gpu"
 
-## Every test, slow ones included.
-test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+## The quick loop: leaves out the slow campaigns (kill/resume, concurrent shards, SLURM pipelines,
+## hypothesis, torchrun) too.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 ## The main job: a real video through every video stage on the embedded tiny model.
 demo: $(STAMP)

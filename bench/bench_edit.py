@@ -26,7 +26,6 @@ def naive_pnp(s, prompt: str) -> int:
     import numpy as np
     import torch
 
-    from vfx.diffusion.attention import TokenFlowState, install, uninstall
     from vfx.diffusion.ddim import Schedule
     from vfx.diffusion.text import encode_prompt
     from vfx.diffusion.tokenflow import Embeddings, TokenFlowEditor
@@ -38,26 +37,23 @@ def naive_pnp(s, prompt: str) -> int:
     saved = list(trajectory.attrs["timesteps"])
     timesteps = schedule.timesteps(STEPS)
     frames = trajectory.shape[1]
-    state = TokenFlowState(mode="plain", inject_attention=True, inject_conv=True)
     embeddings = Embeddings(encode_prompt(pipe, ""), encode_prompt(pipe, ""), encode_prompt(pipe, prompt))
-    editor = TokenFlowEditor(pipe.unet, schedule, state, embeddings, 7.5, "distance", 8, s.device, FRAME_BATCH)
+    editor = TokenFlowEditor(pipe.unet, schedule, embeddings, 7.5, "distance", 8, s.device, FRAME_BATCH)
     latents = np.asarray(trajectory[saved.index(timesteps[0])])
-    installed = install(pipe.unet, state)
-    try:
-        with torch.no_grad():
-            for i, t in enumerate(timesteps):
-                prev = timesteps[i + 1] if i + 1 < STEPS else None
-                for start, end in chunk_ranges(frames, FRAME_BATCH):
-                    x = torch.from_numpy(latents[start:end])
-                    source = torch.from_numpy(np.asarray(trajectory[saved.index(t), start:end]))
-                    latents[start:end] = schedule.denoise_step(editor.branches(source, x, t), x, t, prev).numpy()
-    finally:
-        uninstall(pipe.unet, installed)
+    with editor.hooked(), torch.no_grad():  # the per-frame processors go on once, for every call
+        for i, t in enumerate(timesteps):
+            prev = timesteps[i + 1] if i + 1 < STEPS else None
+            for start, end in chunk_ranges(frames, FRAME_BATCH):
+                x = torch.from_numpy(latents[start:end])
+                source = torch.from_numpy(np.asarray(trajectory[saved.index(t), start:end]))
+                guided = editor.plain_call(source, x, t, inject_attention=True, inject_conv=True)
+                latents[start:end] = schedule.denoise_step(guided, x, t, prev).numpy()
     return editor.unet_frames
 
 
 def worker(config: dict) -> dict:
     from vfx.stages.edit import edit
+    from vfx.stages.edit_config import EditConfig
     from vfx.stages.encode import encode
     from vfx.stages.invert import invert
 
@@ -69,7 +65,7 @@ def worker(config: dict) -> dict:
     if config["method"] == "naive":
         seconds, evaluations = timed(naive_pnp, s, "a red robot")
     else:
-        seconds, result = timed(edit, s, "a red robot", "bench", steps=STEPS, frame_batch=FRAME_BATCH)
+        seconds, result = timed(edit, s, EditConfig("a red robot", "bench", steps=STEPS, frame_batch=FRAME_BATCH))
         evaluations = result["unet_frame_evaluations"]
     assert evaluations == 3 * frames * STEPS
     return {"seconds": seconds, "overhead": seconds / (evaluations * per_frame), "rss_mb": peak_rss_mb()}

@@ -17,7 +17,7 @@ import time
 import cv2
 import numpy as np
 
-from vfx import flow as F
+from vfx import opticalflow as F
 
 
 def texture(size: int, seed: int = 0) -> np.ndarray:

@@ -45,7 +45,7 @@ def make_project(frames: int, size: int = 64, chunk: int = 8, model: str = "tiny
 
 
 def settings(root: Path):
-    from vfx.stages.common import Settings
+    from vfx.settings import Settings
 
     return Settings.resolve(root)
 

@@ -1,10 +1,18 @@
-"""Shared fixtures: an isolated model cache, generated and real videos, CLI runners."""
+"""Shared fixtures and helpers: an isolated model cache, generated and real videos, CLI runners,
+project builders, snapshots, the bad-input check and the SIGKILL helper. (DreamBooth-only pieces
+live in dreambooth_helpers.py.)"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -30,21 +38,31 @@ def model_cache(tmp_path_factory) -> Path:
 def one_thread():
     """Byte-identity holds for one thread count: CPU kernels split reductions by thread. Tests compare
     in-process runs with subprocess runs (which may run side by side on few cores, where busy-waiting
-    thread pools thrash), so every test and every subprocess it starts uses one thread."""
+    thread pools thrash: the tiny model's calls get ~100x slower, measured 2 s vs 0.02 s), so every
+    test and every subprocess it starts uses one thread."""
     import torch
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
 
+def cli_env(**extra: str) -> dict:
+    """The environment of a `python -m vfx` subprocess: this checkout first on the path, one thread."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"  # concurrent processes on few cores: busy-waiting thread pools thrash
+    env.update(extra)
+    return env
+
+
+def vfx_command(*args) -> list[str]:
+    """The argv of `python -m vfx ARGS` with the test interpreter."""
+    return [sys.executable, "-m", "vfx", *map(str, args)]
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m vfx ARGS` in a subprocess (the real entry point, exit codes and all)."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
-    full_env.update(env or {})
-    proc = subprocess.run(
-        [sys.executable, "-m", "vfx", *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd
-    )
+    proc = subprocess.run(vfx_command(*args), capture_output=True, text=True, env=cli_env(**(env or {})), cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"vfx {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -57,6 +75,84 @@ def invoke(*args: str):
     from vfx.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def ok(*args):
+    """Run the CLI in-process; it must exit 0. Returns the click Result."""
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def ok_json(*args) -> dict:
+    """`ok(*args, "--json")`, its one JSON document parsed."""
+    return json.loads(ok(*args, "--json").stdout)
+
+
+def status_rows(root: Path, *extra: str) -> dict[str, dict]:
+    """`vfx status ROOT --json` (plus `extra`, e.g. --verify) as {folder: row}."""
+    return {row["folder"]: row for row in ok_json("status", root, *extra)["stages"]}
+
+
+def assert_bad(result, *words: str) -> str:
+    """Exit 2 with exactly one line on stderr, `error: ...`, holding every word; never a traceback.
+    Returns that line."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Content hashes of every file under `root` (locks excluded)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def chunk_files(array: Path) -> dict[str, bytes]:
+    """Every file of a Zarr array (or any folder), by relative path: byte-identity of two arrays."""
+    return {str(p.relative_to(array)): p.read_bytes() for p in sorted(array.rglob("*")) if p.is_file()}
+
+
+def copy_project(src: Path, dst: Path, keep: tuple[str, ...]) -> Path:
+    """A copy of project `src` at `dst` with only vfx.toml and the stage folders `keep`."""
+    dst.mkdir()
+    shutil.copy(src / "vfx.toml", dst / "vfx.toml")
+    for folder in keep:
+        shutil.copytree(src / folder, dst / folder)
+    return dst
+
+
+def done_markers(folder: Path) -> int:
+    """How many units of the stage folder are marked done."""
+    return len(list((folder / ".done").glob("*.json"))) if (folder / ".done").is_dir() else 0
+
+
+def kill_after_markers(command: list[str], folder: Path, count: int, timeout: float = 240, jitter: float = 0.0,
+                       env: dict | None = None) -> None:
+    """Start `command` in its own session; once `folder` holds `count` done markers (or the command
+    ended, or `timeout` passed), wait `jitter` seconds more, then SIGKILL its whole process group."""
+    proc = subprocess.Popen(command, env=env or cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and done_markers(folder) < count:
+        time.sleep(0.01)
+    time.sleep(jitter)
+    with contextlib.suppress(ProcessLookupError):  # a fast stage may have finished already
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def tiny_pipe(model: str = "tiny"):
+    """The embedded tiny pipeline on the CPU in float32."""
+    import torch
+
+    from vfx.models import load_pipeline, resolve_model
+
+    return load_pipeline(resolve_model(model), torch.device("cpu"), torch.float32)
 
 
 def make_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
@@ -84,6 +180,65 @@ def image_folder(folder: Path, frames: list[np.ndarray]) -> Path:
     return folder
 
 
+def pan(image: np.ndarray, shift, frames: int, size: int) -> list[np.ndarray]:
+    """Frames of a camera pan: content moves by `shift` per frame (cubic resampling), centre crop."""
+    import cv2
+
+    top = (image.shape[0] - size) // 2
+    out = []
+    for t in range(frames):
+        matrix = np.float32([[1, 0, t * shift[0]], [0, 1, t * shift[1]]])
+        moved = cv2.warpAffine(image, matrix, image.shape[1::-1], flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+        out.append(moved[top : top + size, top : top + size])
+    return out
+
+
+def video_project(root: Path, video: Path, *init_options, stages: tuple = ("extract",)) -> Path:
+    """`vfx init ROOT --video VIDEO INIT_OPTIONS`, then each of `stages` (a name, or a tuple of the
+    command and its options), every one of which must succeed."""
+    ok("init", root, "--video", video, *init_options)
+    for stage in stages:
+        command = (stage,) if isinstance(stage, str) else tuple(stage)
+        ok(command[0], root, *command[1:])
+    return root
+
+
+def project_of(tmp_path: Path, frames: list[np.ndarray], chunk: int = 4, name: str = "proj") -> Path:
+    """A project whose frames/ holds exactly `frames` (lossless PNGs, no resizing)."""
+    from vfx.store import open_array
+
+    height, width = frames[0].shape[:2]
+    folder = image_folder(tmp_path / f"{name}-images", frames)
+    root = video_project(tmp_path / name, folder, "--size", f"{width}x{height}", "--chunk-frames", chunk)
+    assert np.array_equal(np.asarray(open_array(root / "frames" / "frames.zarr")), np.stack(frames))
+    return root
+
+
+EDIT_STEPS = 3  # denoising steps of the edit tests' inversions and edits
+
+
+def inverted(tmp_path: Path, frames: list[np.ndarray], model: str = "tiny", name: str = "p",
+             steps: int = EDIT_STEPS) -> Path:
+    """A project whose frames are `frames` (exact, via PNGs), encoded and inverted with `steps` steps."""
+    folder = image_folder(tmp_path / f"{name}-frames", frames)
+    size = f"{frames[0].shape[1]}x{frames[0].shape[0]}"
+    return video_project(tmp_path / name, folder, "--size", size, "--chunk-frames", "4", "--model", model,
+                         stages=("extract", "encode",
+                                 ("invert", "--steps", steps, "--save-steps", steps, "--no-reconstruction")))
+
+
+def run_edit(root: Path, *extra) -> dict:
+    """`vfx edit ROOT --prompt 'a red robot' --steps EDIT_STEPS --json EXTRA`, which must succeed."""
+    return ok_json("edit", root, "--prompt", "a red robot", "--steps", EDIT_STEPS, *extra)
+
+
+def edited(root: Path, name: str) -> np.ndarray:
+    """The latents of edit `name`."""
+    import zarr
+
+    return np.asarray(zarr.open_array(str(root / "edits" / name / "latents.zarr")))
+
+
 @pytest.fixture
 def gen_video(tmp_path) -> Path:
     from vfx.media import synthetic_video
@@ -94,17 +249,13 @@ def gen_video(tmp_path) -> Path:
 @pytest.fixture
 def project(tmp_path, gen_video) -> Path:
     """An initialised project on a 12-frame 64x64 generated clip, chunks of 4 frames."""
-    root = tmp_path / "proj"
-    result = invoke("init", root, "--video", gen_video, "--size", "64x64", "--chunk-frames", "4")
-    assert result.exit_code == 0, result.output
-    return root
+    return video_project(tmp_path / "proj", gen_video, "--size", "64x64", "--chunk-frames", "4", stages=())
 
 
 @pytest.fixture
 def encoded(project) -> Path:
     for stage in ("extract", "encode"):
-        result = invoke(stage, project)
-        assert result.exit_code == 0, result.output
+        ok(stage, project)
     return project
 
 

@@ -6,26 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import image_folder, invoke, textured
+from conftest import image_folder, ok, textured
 
 PROMPT = "a photo of zwx dog"
 CLASS_PROMPT = "a photo of a dog"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch/OpenMP thread here and in subprocesses: on a shared, busy CPU, OpenMP threads that spin
-    while waiting for each other make the tiny model's calls ~100x slower (measured: 2 s vs 0.02 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(threads)
 
 
 def make_photos(folder: Path, count: int = 3) -> Path:
@@ -35,15 +22,8 @@ def make_photos(folder: Path, count: int = 3) -> Path:
 
 
 def make_project(root: Path, model: str = "tiny") -> Path:
-    result = invoke("init", root, "--model", model)
-    assert result.exit_code == 0, result.output
+    ok("init", root, "--model", model)
     return root
-
-
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def train_args(root: Path, name: str, photos: Path, *extra: str, steps: int = 4) -> list:

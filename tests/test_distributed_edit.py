@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import zarr
 
-from conftest import REPO, invoke, textured
-from test_edit import inverted
+from conftest import cli_env, inverted, invoke, textured
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_bytes(tmp_path):
     frames = [np.roll(textured(64, seed=11), 4 * k, axis=1) for k in range(13)]  # 4 chunks of 4, the last of 1
     root = inverted(tmp_path, frames)
     args = ["edit", str(root), "--prompt", "a red robot", "--steps", "3", "--batch-size", "4"]
     single = invoke(*args, "--name", "single", "--json")
     assert single.exit_code == 0, single.output
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = cli_env()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vfx",
          *args, "--name", "multi", "--json"], env=env, capture_output=True, text=True, timeout=600)

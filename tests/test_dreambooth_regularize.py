@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from conftest import invoke, run_cli
-from dreambooth_helpers import one_thread  # noqa: F401  (autouse)
-from dreambooth_helpers import CLASS_PROMPT, file_states, make_project, ok
+from conftest import cli_env, invoke, ok, run_cli, vfx_command
+from dreambooth_helpers import CLASS_PROMPT, file_states, make_project
 from vfx.dreambooth.images import png_meta
 
 ARGS = ["--num-images", "3", "--steps", "2", "--batch-size", "2"]
@@ -73,16 +72,13 @@ def test_changed_prompt_or_model_regenerates(project):
     assert manifest["model_spec"] == "tiny-v"
 
 
+@pytest.mark.slow
 def test_two_concurrent_shards_make_the_same_images_as_one_process(project, tmp_path):
     import subprocess
-    import sys
-
-    from conftest import REPO
 
     args = ["regularize", str(project), "--name", "prior", "--class-prompt", CLASS_PROMPT, "--num-images", "4",
             "--steps", "2", "--batch-size", "1"]
-    env = dict(__import__("os").environ, PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-m", "vfx", *args, "--shard", f"{k}/2"], env=env,
+    procs = [subprocess.Popen(vfx_command(*args, "--shard", f"{k}/2"), env=cli_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
     for proc in procs:
         out, err = proc.communicate(timeout=300)

@@ -6,11 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import invoke
-from dreambooth_helpers import one_thread  # noqa: F401  (autouse)
-from dreambooth_helpers import PROMPT, make_photos, make_project, ok, run_dir, train_args
+from conftest import invoke, ok, tiny_pipe
+from dreambooth_helpers import PROMPT, make_photos, make_project, run_dir, train_args
 from vfx.media import read_image
 
 SAMPLE = ["--prompt", PROMPT, "--prompt", "a zwx dog on the beach", "--num-images", "2", "--steps", "2"]
@@ -33,9 +31,7 @@ def images(folder):
 
 def test_guidance_runs_both_halves_in_one_batch():
     from vfx.dreambooth.images import generate
-    from vfx.models import load_pipeline, resolve_model
-
-    pipe = load_pipeline(resolve_model("tiny"), torch.device("cpu"), torch.float32)
+    pipe = tiny_pipe()
     calls = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
     try:

@@ -8,10 +8,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import DOG_PHOTOS, invoke, require_shared, run_cli
-from dreambooth_helpers import one_thread  # noqa: F401  (autouse)
+from conftest import DOG_PHOTOS, invoke, ok, require_shared, run_cli, tiny_pipe
 from dreambooth_helpers import (
-    CLASS_PROMPT, PROMPT, assert_same_tensors, file_states, make_photos, make_project, metrics, ok, run_dir,
+    CLASS_PROMPT, PROMPT, assert_same_tensors, file_states, make_photos, make_project, metrics, run_dir,
     train_args, trained_tensors,
 )
 
@@ -81,7 +80,7 @@ def test_the_run_class_images_are_used_by_default(db):
     ok(*train_args(root, "prior", photos, steps=1))
     assert step_lines(root, "prior")[0]["prior_loss"] > 0
     record = json.loads((run_dir(root, "prior") / "weights" / "stage.json").read_text())
-    assert "dreambooth/prior/class" in record["inputs"]
+    assert "dreambooth/prior/class/manifest.json" in record["inputs"]
 
 
 # ---------------------------------------------------------------- exact resume
@@ -167,7 +166,7 @@ def test_full_weights_load_with_from_pretrained_and_match_training(db):
 
     from vfx.dreambooth.data import ImageSet, list_images, read_images
     from vfx.dreambooth.encoding import Conditioning, Latents
-    from vfx.dreambooth.evaluate import eval_loss, eval_set
+    from vfx.dreambooth.tracking import eval_loss, eval_set
 
     root, photos, _ = db
     ok(*train_args(root, "full", photos, "--train-text-encoder", steps=2))
@@ -188,8 +187,7 @@ def test_full_weights_load_with_from_pretrained_and_match_training(db):
 
 def test_lora_loads_with_load_lora_weights_changes_output_and_scale_zero_is_base(db):
     from vfx.dreambooth.images import generate
-    from vfx.dreambooth.weights import apply_lora
-    from vfx.models import load_pipeline, resolve_model
+    from vfx.diffusion.lora import apply_lora
 
     root, photos, _ = db
     ok(*train_args(root, "lora", photos, "--mode", "lora", "--learning-rate", "1e-2", steps=2))
@@ -198,7 +196,7 @@ def test_lora_loads_with_load_lora_weights_changes_output_and_scale_zero_is_base
         "dreambooth.json", "pytorch_lora_weights.safetensors", "stage.json"]
 
     def image(lora: str | None, scale: float = 1.0):
-        pipe = load_pipeline(resolve_model("tiny"), torch.device("cpu"), torch.float32)
+        pipe = tiny_pipe()
         if lora == "diffusers":
             pipe.load_lora_weights(str(folder))  # diffusers' own loader, nothing of ours
         elif lora == "ours":
@@ -212,14 +210,13 @@ def test_lora_loads_with_load_lora_weights_changes_output_and_scale_zero_is_base
 
 
 def test_lora_with_text_encoder_applies_to_both(db):
-    from vfx.dreambooth.weights import apply_lora
-    from vfx.models import load_pipeline, resolve_model
+    from vfx.diffusion.lora import apply_lora
 
     root, photos, _ = db
     ok(*train_args(root, "lora-te", photos, "--mode", "lora", "--train-text-encoder", "--learning-rate", "1e-2", steps=1))
     embeddings = []
     for scale in (None, 0.0, 1.0):
-        pipe = load_pipeline(resolve_model("tiny"), torch.device("cpu"), torch.float32)
+        pipe = tiny_pipe()
         if scale is not None:
             apply_lora(pipe, run_dir(root, "lora-te") / "weights", scale)
         embeddings.append(pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, False)[0].detach())

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from dreambooth_helpers import one_thread  # noqa: F401  (autouse)
 from vfx.dreambooth import checkpoint
 from vfx.dreambooth.data import ExampleOrder, ImageSet, identifier_problem
 from vfx.dreambooth.objective import dreambooth_loss, prediction_target, snr, snr_weights
@@ -167,7 +166,8 @@ def test_rare_token_rule_on_a_vocabulary_with_known_answers(tmp_path):
 
 def test_tiny_tokenizer_has_no_rare_token_and_the_command_says_so(tmp_path):
     """The tiny vocabulary holds only the English words it was built from: the rule rejects all of them."""
-    from dreambooth_helpers import make_project, ok
+    from conftest import ok
+    from dreambooth_helpers import make_project
     from vfx.models import tiny_model_dir
     from transformers import CLIPTokenizer
 
@@ -195,7 +195,7 @@ def test_identifier_checks(tmp_path):
 def tiny_unet():
     from diffusers import DDPMScheduler
 
-    from vfx.models import load_pipeline, resolve_model
+    from conftest import tiny_pipe
 
-    pipe = load_pipeline(resolve_model("tiny"), torch.device("cpu"), torch.float32)
+    pipe = tiny_pipe()
     return pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config)

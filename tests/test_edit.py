@@ -3,47 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from conftest import REPO, image_folder, invoke, textured
-from vfx.diffusion.attention import Neighbours, TokenFlowState, find_layers, install, propagate, uninstall
+from conftest import EDIT_STEPS as STEPS
+from conftest import (
+    done_markers, edited, inverted, invoke, kill_after_markers, run_edit, textured, tiny_pipe, vfx_command,
+)
+from vfx.diffusion.attention import Branches, KeyframeCache, Neighbours, find_layers, propagate
 from vfx.diffusion.tokenflow import draw_keyframes, neighbours_by_distance, neighbours_reference
-
-STEPS = 3
-
-
-def inverted(tmp_path: Path, frames: list[np.ndarray], model: str = "tiny", name: str = "p", steps: int = STEPS) -> Path:
-    """A project whose frames are `frames` (exact, via PNGs), encoded and inverted with `steps` steps."""
-    root = tmp_path / name
-    folder = image_folder(tmp_path / f"{name}-frames", frames)
-    size = f"{frames[0].shape[1]}x{frames[0].shape[0]}"
-    for args in (("init", root, "--video", folder, "--size", size, "--chunk-frames", "4", "--model", model),
-                 ("extract", root), ("encode", root),
-                 ("invert", root, "--steps", steps, "--save-steps", steps, "--no-reconstruction")):
-        result = invoke(*args)
-        assert result.exit_code == 0, result.output
-    return root
-
-
-def run_edit(root: Path, *extra: str) -> dict:
-    result = invoke("edit", root, "--prompt", "a red robot", "--steps", STEPS, "--json", *extra)
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def edited(root: Path, name: str) -> np.ndarray:
-    return np.asarray(zarr.open_array(str(root / "edits" / name / "latents.zarr")))
-
 
 def test_static_video_edits_to_identical_frames(tmp_path):
     root = inverted(tmp_path, [textured(64, seed=3)] * 6)
@@ -95,9 +66,7 @@ def test_injection_counts(tmp_path):
     none = run_edit(root, "--name", "none", "--pnp-attn-t", "0", "--pnp-f-t", "0")
     assert none["injections"] == {"attention": 0, "conv": 0}
     full = run_edit(root, "--name", "full", "--pnp-attn-t", "1", "--pnp-f-t", "1", "--frame-batch", "2")
-    from vfx.models import load_pipeline, resolve_model
-
-    layers = find_layers(load_pipeline(resolve_model("tiny"), torch.device("cpu"), torch.float32).unet)
+    layers = find_layers(tiny_pipe().unet)
     # q/k injection happens in the keyframe pass's decoder self-attentions, once per layer per step.
     assert full["injections"]["attention"] == STEPS * len(layers.injected_attention)
     # conv injection in every UNet call: the keyframe pass, then the other frames of each 4-frame chunk, 2 per call.
@@ -111,10 +80,8 @@ def test_injection_counts(tmp_path):
 
 
 def test_reference_layers_of_an_sd_shaped_unet():
-    from vfx.models import load_pipeline, resolve_model
-
     for variant in ("tiny", "tiny-v"):
-        unet = load_pipeline(resolve_model(variant), torch.device("cpu"), torch.float32).unet
+        unet = tiny_pipe(variant).unet
         layers = find_layers(unet)
         assert layers.injected_conv == "up_blocks.1.resnets.1.conv2"
         expected = [f"up_blocks.{i}.attentions.{j}.transformer_blocks.0.attn1.processor"
@@ -149,14 +116,7 @@ def test_reference_mode_runs_and_differs(tmp_path):
     assert edited(root, "ours").tobytes() != edited(root, "ref").tobytes()
 
 
-def tiny_unet_state():
-    from vfx.models import load_pipeline, resolve_model
-
-    pipe = load_pipeline(resolve_model("tiny"), torch.device("cpu"), torch.float32)
-    return pipe
-
-
-def one_step(pipe, frames: np.ndarray, keyframes: list[int], state: TokenFlowState):
+def one_step(pipe, frames: np.ndarray, keyframes: list[int], trace: dict | None = None):
     """One editing step over in-memory latents, the clean latents standing in for the source branch."""
     from vfx.diffusion.ddim import Schedule
     from vfx.diffusion.text import encode_prompt
@@ -166,26 +126,23 @@ def one_step(pipe, frames: np.ndarray, keyframes: list[int], state: TokenFlowSta
     latents = encode_frames(pipe.vae, frames, torch.device("cpu"), 8)
     out = np.zeros_like(latents)
     emb = encode_prompt(pipe, "")
-    editor = TokenFlowEditor(pipe.unet, Schedule.from_pipeline(pipe), state, Embeddings(emb, emb, emb), 7.5,
-                             "distance", len(frames), torch.device("cpu"))
+    editor = TokenFlowEditor(pipe.unet, Schedule.from_pipeline(pipe), Embeddings(emb, emb, emb), 7.5,
+                             "distance", len(frames), torch.device("cpu"), trace=trace)
     io = StepIO(lambda s, e: latents[s:e], lambda idx: latents[idx], lambda s, e: latents[s:e],
                 lambda idx: latents[idx], lambda s, e, a: out.__setitem__(slice(s, e), a))
-    installed = install(pipe.unet, state)
-    try:
+    with editor.hooked():
         editor.step(io, len(frames), len(frames), keyframes, 501, 401)
-    finally:
-        uninstall(pipe.unet, installed)
     return out
 
 
 def test_correspondences_recover_a_known_translation():
     """Frame k is the texture shifted right by k tokens (8 px): interior tokens must match (r, c - k)."""
-    pipe = tiny_unet_state()
+    pipe = tiny_pipe()
     base = textured(160, seed=7)
     frames = np.stack([base[16:144, 16 - 8 * k : 144 - 8 * k] for k in range(3)])
-    state = TokenFlowState(trace={})
-    one_step(pipe, frames, [0], state)
-    matched = state.trace["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"][0]  # [2, 256]
+    trace = {}
+    one_step(pipe, frames, [0], trace)
+    matched = trace["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"][0]  # [2, 256]
     for row, shift in zip(matched, (1, 2)):
         grid = row.view(16, 16)
         rows, cols = np.divmod(grid.numpy(), 16)
@@ -203,17 +160,16 @@ def test_one_keyframe_feeds_every_frame(monkeypatch):
     """--batch-size >= frames: one keyframe; every propagated self-attention output is made of its outputs."""
     import vfx.diffusion.attention as attention
 
-    pipe = tiny_unet_state()
+    pipe = tiny_pipe()
     frames = np.stack([np.roll(textured(64, seed=8), 4 * k, axis=1) for k in range(5)])
     seen = []
 
-    def checked(state, name, hidden):
-        plan = state.neighbours
+    def checked(cache, name, hidden, branches, plan, trace=None):
         assert plan.slot_a.tolist() == plan.slot_b.tolist() == [0] * len(plan.slot_a)
         assert plan.weight_a.tolist() == [1.0] * len(plan.slot_a)
-        out = propagate(state, name, hidden)
-        m = hidden.shape[0] // 3
-        keyframe_rows = state.outputs[name][:, 0]  # [3, L, C]
+        out = propagate(cache, name, hidden, branches, plan, trace)
+        m = branches.n
+        keyframe_rows = cache.outputs[name][:, 0]  # [3, L, C]
         for branch in range(3):
             for row in out.view(3, m, *out.shape[1:])[branch]:
                 distances = torch.cdist(row, keyframe_rows[branch], compute_mode="donot_use_mm_for_euclid_dist")
@@ -224,34 +180,59 @@ def test_one_keyframe_feeds_every_frame(monkeypatch):
     monkeypatch.setattr(attention, "propagate", checked)
     keyframes = draw_keyframes(5, 8, seed=0, step=0)
     assert len(keyframes) == 1
-    one_step(pipe, frames, keyframes, TokenFlowState())
+    one_step(pipe, frames, keyframes)
     assert len(set(seen)) == 16
 
 
 def test_propagate_blends_two_keyframes():
-    state = TokenFlowState()
+    cache = KeyframeCache()
     tokens = torch.eye(4).unsqueeze(0).repeat(2, 1, 1)  # 2 keyframes, 4 tokens, 4 channels
-    state.source_tokens["x"] = tokens
-    state.outputs["x"] = torch.stack([torch.full((2, 4, 4), 1.0), torch.full((2, 4, 4), 3.0)], dim=1).transpose(0, 1)
-    state.outputs["x"] = torch.tensor([1.0, 3.0]).view(1, 2, 1, 1).expand(3, 2, 4, 4).clone()
-    state.neighbours = Neighbours(torch.tensor([0]), torch.tensor([1]), torch.tensor([0.25], dtype=torch.float64))
-    out = propagate(state, "x", torch.eye(4).unsqueeze(0).repeat(3, 1, 1))
+    cache.source_tokens["x"] = tokens
+    cache.outputs["x"] = torch.stack([torch.full((2, 4, 4), 1.0), torch.full((2, 4, 4), 3.0)], dim=1).transpose(0, 1)
+    cache.outputs["x"] = torch.tensor([1.0, 3.0]).view(1, 2, 1, 1).expand(3, 2, 4, 4).clone()
+    plan = Neighbours(torch.tensor([0]), torch.tensor([1]), torch.tensor([0.25], dtype=torch.float64))
+    out = propagate(cache, "x", torch.eye(4).unsqueeze(0).repeat(3, 1, 1), Branches(1), plan)
     assert torch.allclose(out, torch.full_like(out, 0.25 * 1 + 0.75 * 3))
+
+
+def test_editor_owns_its_processors_and_refuses_a_foreign_layout():
+    """The editor's processors are on the UNet only while it calls it; a batch that is not the layout
+    described for the call under way is refused, never reinterpreted; injections are counted."""
+    from vfx.diffusion.attention import Call, FrameAttnProcessor, ProcessorContext, conv_hook
+    from vfx.diffusion.ddim import Schedule
+    from vfx.diffusion.tokenflow import Embeddings, TokenFlowEditor
+
+    pipe = tiny_pipe()
+    unet, before = pipe.unet, dict(pipe.unet.attn_processors)
+    emb = torch.zeros(1, 77, unet.config.cross_attention_dim)
+    editor = TokenFlowEditor(unet, Schedule.from_pipeline(pipe), Embeddings(emb, emb, emb), 7.5, "distance", 8,
+                             torch.device("cpu"))
+    x, context = torch.randn(5, 4, 8, 8), emb.expand(5, -1, -1)
+    with torch.no_grad():
+        bare = unet(x, 501, encoder_hidden_states=context).sample
+        with editor.hooked():
+            assert torch.equal(unet(x, 501, encoder_hidden_states=context).sample, bare)  # not the editor's call
+            editor.plain_call(x[:2], x[2:4], 501, inject_attention=True, inject_conv=True)
+            assert isinstance(unet.attn_processors[find_layers(unet).self_attention[0]], FrameAttnProcessor)
+    assert dict(unet.attn_processors) == before
+    assert editor.injections == {"attention": len(editor.layers.injected_attention), "conv": 1}
+    assert editor.unet_frames == 6
+    attn = unet.get_submodule(find_layers(unet).self_attention[0].removesuffix(".processor"))
+    tokens = torch.randn(5, 16, attn.to_q.in_features)  # 5 rows: no 3-branch layout
+    with pytest.raises(RuntimeError):
+        FrameAttnProcessor(ProcessorContext(), True)(attn, tokens)  # no call under way
+    with pytest.raises(ValueError, match="3 branches x 2 frames"):
+        FrameAttnProcessor(ProcessorContext(Call(Branches(2))), True)(attn, tokens)
+    with pytest.raises(ValueError):
+        conv_hook(ProcessorContext(Call(Branches(2), inject_conv=True)))(None, (), torch.randn(5, 4, 8, 8))
 
 
 def test_killed_edit_resumes_to_identical_bytes(tmp_path):
     frames = [np.roll(textured(64, seed=9), 4 * k, axis=1) for k in range(8)]
     root = inverted(tmp_path, frames, steps=10)
-    args = [sys.executable, "-m", "vfx", "edit", str(root), "--prompt", "a red robot", "--steps", "10", "--name", "k"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    done = root / "edits" / "k" / ".done"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and (not done.is_dir() or len(list(done.glob("*.json"))) < 3):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = len(list(done.glob("*.json")))
+    command = vfx_command("edit", root, "--prompt", "a red robot", "--steps", "10", "--name", "k")
+    kill_after_markers(command, root / "edits" / "k", 3)
+    finished = done_markers(root / "edits" / "k")
     assert 3 <= finished < 10
     result = invoke("edit", root, "--prompt", "a red robot", "--steps", "10", "--name", "k", "--json")
     assert json.loads(result.stdout)["computed_steps"] == 10 - finished

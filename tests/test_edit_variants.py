@@ -11,24 +11,17 @@ import pytest
 import torch
 import zarr
 
-from conftest import invoke, textured
-from test_edit import inverted
-from vfx import flow as F
-from vfx.diffusion.attention import TokenFlowState, install, uninstall
+from conftest import EDIT_STEPS as STEPS
+from conftest import assert_bad, edited, inverted, invoke, textured, tiny_pipe
+from conftest import run_edit as edit_json
+from vfx import opticalflow as F
 from vfx.diffusion.controlnet import ControlGuide
 from vfx.diffusion.correspondence import FlowCorrespondences, FlowFields, compose, to_tokens, token_grids
 from vfx.diffusion.ddim import Schedule
 from vfx.diffusion.sdedit import fresh_noise, start_index
 from vfx.errors import BadInput
 
-STEPS = 3
 FIRST_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
-
-
-def tiny_pipe():
-    from vfx.models import load_pipeline, resolve_model
-
-    return load_pipeline(resolve_model("tiny"), torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +32,7 @@ def project(tmp_path_factory) -> Path:
 
 
 def run_edit(root: Path, name: str, *extra) -> dict:
-    result = invoke("edit", root, "--prompt", "a red robot", "--steps", STEPS, "--name", name, "--json", *extra)
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def edited(root: Path, name: str) -> np.ndarray:
-    return np.asarray(zarr.open_array(str(root / "edits" / name / "latents.zarr")))
+    return edit_json(root, "--name", name, *extra)
 
 
 def record(root: Path, name: str) -> dict:
@@ -53,11 +40,11 @@ def record(root: Path, name: str) -> dict:
 
 
 def bad(*args) -> str:
-    """Run a command that must be refused: exit 2 with one line of explanation."""
+    """Run a command that must be refused: exit 2 with one line of explanation (and nothing on stdout)."""
     result = invoke(*args)
-    assert result.exit_code == 2, result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
-    return result.output
+    line = assert_bad(result)
+    assert not result.stdout.strip(), result.output
+    return line
 
 
 # ---------------------------------------------------------------- SDEdit
@@ -264,17 +251,14 @@ def propagation_trace(pipe, frames: np.ndarray, correspondences=None) -> torch.T
     latents = encode_frames(pipe.vae, frames, torch.device("cpu"), 8)
     out = np.zeros_like(latents)
     emb = encode_prompt(pipe, "")
-    state = TokenFlowState(trace={})
-    editor = TokenFlowEditor(pipe.unet, Schedule.from_pipeline(pipe), state, Embeddings(emb, emb, emb), 7.5,
-                             "distance", len(frames), torch.device("cpu"), correspondences=correspondences)
+    trace = {}
+    editor = TokenFlowEditor(pipe.unet, Schedule.from_pipeline(pipe), Embeddings(emb, emb, emb), 7.5,
+                             "distance", len(frames), torch.device("cpu"), correspondences=correspondences, trace=trace)
     io = StepIO(lambda s, e: latents[s:e], lambda idx: latents[idx], lambda s, e: latents[s:e],
                 lambda idx: latents[idx], lambda s, e, a: out.__setitem__(slice(s, e), a))
-    installed = install(pipe.unet, state)
-    try:
+    with editor.hooked():
         editor.step(io, len(frames), len(frames), [0], 501, 401)
-    finally:
-        uninstall(pipe.unet, installed)
-    return state.trace[FIRST_LAYER][0]  # [2, 256]
+    return trace[FIRST_LAYER][0]  # [2, 256]
 
 
 def test_flow_correspondences_match_features_on_a_translation():
@@ -309,7 +293,7 @@ def test_flow_correspondence_edit(project):
     run_edit(project, "fl", "--correspondence", "flow", "--batch-size", "3")
     run_edit(project, "ft", "--batch-size", "3")
     rec = record(project, "fl")
-    assert rec["params"]["correspondence"] == "flow" and rec["inputs"]["flow"]
+    assert rec["params"]["correspondence"] == "flow" and rec["inputs"]["flow/forward.zarr"]
     out = edited(project, "fl")
     assert np.isfinite(out).all() and out.tobytes() != edited(project, "ft").tobytes()
     assert record(project, "ft")["params"]["keyframes"] is None

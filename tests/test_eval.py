@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import image_folder, invoke, run_cli, textured
+from conftest import image_folder, invoke, pan, project_of, run_cli, textured
 from PIL import Image
-from test_flow import pan, project_of
 
 from vfx import metrics
 from vfx.stage import StageRun
@@ -59,7 +58,8 @@ def fake_stage(root, folder: str, stage: str, arrays: dict, params: dict | None 
     frames = open_array(root / "frames" / "frames.zarr")
     for name, data in arrays.items():
         create_array(path / f"{name}.zarr", data.shape, (frames.chunks[0],) + data.shape[1:], str(data.dtype))[...] = data
-    inputs = inputs or {"frames": json.loads((root / "frames" / "stage.json").read_text())["fingerprint"]}
+    frames_record = json.loads((root / "frames" / "stage.json").read_text())
+    inputs = inputs or {"frames/frames.zarr": frames_record["artifacts"]["frames.zarr"]}
     StageRun(path, stage, params or {}, inputs, 1).complete_single({})
 
 
@@ -200,7 +200,8 @@ def test_eval_shards_equal_one_process_and_record_inputs(tmp_path):
     single = eval_json(root, "--edit", "e", "--force")["metrics"]
     assert sharded == single
     record = json.loads((root / "eval" / "e" / "stage.json").read_text())
-    assert set(record["inputs"]) == {"decoded/e", "frames", "flow"}
+    assert set(record["inputs"]) == {"decoded/e/frames.zarr", "frames/frames.zarr", "flow/forward.zarr",
+                                     "flow/occlusion_forward.zarr"}
     status = {row["folder"]: row["state"] for row in json.loads(invoke("status", root, "--json").stdout)["stages"]}
     assert status["eval/e"] == "complete"
 

@@ -6,23 +6,20 @@ tests/test_stage_engine.py holds the single-kill and basic concurrency cases; th
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import random
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import invoke
-from test_bad_input import snapshot
-from test_stage_engine import chunk_files, cli_env, copy_project
+from conftest import (
+    assert_bad, chunk_files, cli_env, copy_project, done_markers, invoke, kill_after_markers, ok, ok_json, snapshot, status_rows,
+    video_project,
+)
 
 # stage -> (folder, arrays compared, CLI arguments after the project directory)
 STAGES = {
@@ -43,21 +40,12 @@ def reference(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("reference")
     video = synthetic_video(base / "clip.mp4", frames=6, size=64, fps=12)
-    root = base / "proj"
-    assert invoke("init", root, "--video", video, "--size", "64x64", "--chunk-frames", "1").exit_code == 0
-    assert invoke("extract", root).exit_code == 0
-    for stage in ORDER:
-        result = invoke(stage, root, *STAGES[stage][2])
-        assert result.exit_code == 0, result.output
-    return root
+    return video_project(base / "proj", video, "--size", "64x64", "--chunk-frames", "1",
+                         stages=("extract", *((stage, *STAGES[stage][2]) for stage in ORDER)))
 
 
 def vfx(stage: str, root: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "vfx", stage, str(root), *STAGES[stage][2], *extra]
-
-
-def markers(folder: Path) -> int:
-    return len(list((folder / ".done").glob("*.json"))) if (folder / ".done").is_dir() else 0
 
 
 def kill_at_random_point(stage: str, root: Path, rng: random.Random) -> None:
@@ -65,17 +53,10 @@ def kill_at_random_point(stage: str, root: Path, rng: random.Random) -> None:
 
 
 def kill_command_at_random_point(command: list[str], folder: Path, rng: random.Random) -> None:
-    """Start the command, let it finish a random number (maybe zero) of further units, then SIGKILL it."""
-    target = markers(folder) + rng.randint(0, 2)
-    proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and markers(folder) < target:
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0, 0.05))  # land anywhere: mid-chunk, mid-marker, mid-record
-    with contextlib.suppress(ProcessLookupError):  # a fast stage may have finished already
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    """Start the command, let it finish a random number (maybe zero) of further units, then SIGKILL it
+    anywhere: mid-chunk, mid-marker, mid-record."""
+    target = done_markers(folder) + rng.randint(0, 2)
+    kill_after_markers(command, folder, target, timeout=120, jitter=rng.uniform(0, 0.05))
 
 
 def run_shards(stage: str, root: Path, count: int) -> None:
@@ -92,6 +73,7 @@ def assert_same_arrays(stage: str, root: Path, reference: Path) -> None:
         assert chunk_files(root / folder / array) == chunk_files(reference / folder / array), (stage, array)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ORDER)
 def test_random_kills_then_concurrent_shards_give_identical_bytes(stage, reference, tmp_path):
     """Three SIGKILLs at random points, then two concurrent shards finish: the bytes of one clean run."""
@@ -103,13 +85,11 @@ def test_random_kills_then_concurrent_shards_give_identical_bytes(stage, referen
     assert_same_arrays(stage, root, reference)
     record = json.loads((root / STAGES[stage][0] / "stage.json").read_text())
     assert record["state"] == "complete"
-    assert invoke(stage, root, *STAGES[stage][2], "--json").stdout.count('"up_to_date": true') == 1
+    assert ok_json(stage, root, *STAGES[stage][2])["up_to_date"] is True
 
 
 def verify(root: Path) -> dict[str, dict]:
-    result = invoke("status", root, "--verify", "--json")
-    assert result.exit_code == 0, result.output
-    return {row["folder"]: row for row in json.loads(result.stdout)["stages"]}
+    return status_rows(root, "--verify")
 
 
 def chunk_path(array: Path, unit: int) -> Path:
@@ -132,8 +112,7 @@ def test_damaged_chunk_is_reported_and_repaired(how, reference, tmp_path):
     assert rows["inversion"]["state"] == "complete"  # repair keeps the fingerprint: downstream stays valid
     assert invoke("status", root, "--missing", "encode", "--verify").stdout.strip() == "4"
     assert invoke("status", root, "--missing", "encode", "--verify", "--shards", "2").stdout.strip() == "1"
-    result = invoke("encode", root, "--json")
-    assert result.exit_code == 0 and '"computed_units": 1' in result.stdout, result.output
+    assert ok_json("encode", root)["computed_units"] == 1
     assert verify(root)["latents"]["state"] == "complete"
     assert_same_arrays("encode", root, reference)
 
@@ -147,9 +126,9 @@ def test_torn_marker_and_record_are_damage_too(reference, tmp_path):
     rows = verify(root)
     assert rows["latents"]["damaged_units"] == [2]
     assert rows["flow"]["state"] == "damaged"
-    assert "damaged" in invoke("status", root).stdout
-    assert '"computed_units": 1' in invoke("encode", root, "--json").stdout
-    assert invoke("flow", root).exit_code == 0  # an unreadable record: the stage starts over
+    assert status_rows(root)["flow"]["state"] == "damaged"  # an unreadable record shows without --verify too
+    assert ok_json("encode", root)["computed_units"] == 1
+    ok("flow", root)  # an unreadable record: the stage starts over
     rows = verify(root)
     assert rows["latents"]["state"] == rows["flow"]["state"] == "complete"
     assert_same_arrays("encode", root, reference)
@@ -181,7 +160,7 @@ def test_full_disk_is_a_clear_retryable_error(reference, tmp_path, monkeypatch):
     assert snapshot(root / "frames") == before
     assert len(list((root / "latents" / ".done").glob("*.json"))) == 2
     monkeypatch.setattr(zarr.storage.LocalStore, "set", real_set)
-    assert '"computed_units": 4' in invoke("encode", root, "--json").stdout
+    assert ok_json("encode", root)["computed_units"] == 4
     assert_same_arrays("encode", root, reference)
 
 
@@ -197,8 +176,8 @@ def test_plan_and_missing_match_the_array(reference, tmp_path):
         assert invoke("encode", root, "--shard", shard).exit_code == 0
     assert invoke("status", root, "--missing", "encode").stdout.strip() == "0,3"
     assert invoke("status", root, "--missing", "encode", "--shards", "3").stdout.strip() == "0-1"
-    assert invoke("plan", root, "nonsense").exit_code == 2
-    assert invoke("plan", root, "sample", "--name", "dog").exit_code == 2
+    assert_bad(invoke("plan", root, "nonsense"), "'nonsense'")
+    assert_bad(invoke("plan", root, "sample", "--name", "dog"), "--images")
 
 
 def test_array_spec_syntax():
@@ -221,13 +200,13 @@ OTHER_STAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", list(OTHER_STAGES))
 def test_random_kills_then_shards_for_image_and_metric_stages(stage, reference, tmp_path):
     """regularize, sample and eval: three random SIGKILLs, then two concurrent shards == one clean run."""
     folder, pattern, args = OTHER_STAGES[stage]
     clean = copy_project(reference, tmp_path / "clean", ("frames", "latents", "flow", "decoded"))
-    result = invoke(stage, clean, *args)
-    assert result.exit_code == 0, result.output
+    ok(stage, clean, *args)
     root = copy_project(reference, tmp_path / "proj", ("frames", "latents", "flow", "decoded"))
     command = [sys.executable, "-m", "vfx", stage, str(root), *args]
     rng = random.Random(f"{stage}-campaign")

@@ -1,32 +1,21 @@
-"""`vfx flow` and vfx/flow.py: accuracy on known motion, occlusion, the stage contract."""
+"""`vfx flow` and vfx/opticalflow.py: accuracy on known motion, occlusion, the stage contract."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
-from conftest import DOG_PHOTOS, REPO, image_folder, invoke, require_shared, run_cli, textured
+from conftest import (
+    DOG_PHOTOS, cli_env, invoke, ok, pan, project_of, require_shared, run_cli, textured, vfx_command,
+)
 
-from vfx import flow as F
+from vfx import opticalflow as F
 from vfx.store import open_array
 
 SHIFT = (0.6, -0.35)  # sub-pixel motion per frame, (dx, dy) in pixels
-
-
-def pan(image: np.ndarray, shift, frames: int, size: int) -> list[np.ndarray]:
-    """Frames of a camera pan: content moves by `shift` per frame (cubic resampling), centre crop."""
-    top = (image.shape[0] - size) // 2
-    out = []
-    for t in range(frames):
-        matrix = np.float32([[1, 0, t * shift[0]], [0, 1, t * shift[1]]])
-        moved = cv2.warpAffine(image, matrix, image.shape[1::-1], flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
-        out.append(moved[top : top + size, top : top + size])
-    return out
 
 
 def dog_photo(size: int) -> np.ndarray:
@@ -37,18 +26,6 @@ def dog_photo(size: int) -> np.ndarray:
     s = min(h, w)
     square = photo[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
     return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
-
-
-def project_of(tmp_path, frames: list[np.ndarray], chunk: int = 4, name: str = "proj"):
-    """A project whose frames/ holds exactly `frames` (lossless PNGs, no resizing)."""
-    height, width = frames[0].shape[:2]
-    folder = image_folder(tmp_path / f"{name}-images", frames)
-    root = tmp_path / name
-    for args in (("init", root, "--video", folder, "--size", f"{width}x{height}", "--chunk-frames", chunk), ("extract", root)):
-        result = invoke(*args)
-        assert result.exit_code == 0, result.output
-    assert np.array_equal(np.asarray(open_array(root / "frames" / "frames.zarr")), np.stack(frames))
-    return root
 
 
 def read_flow(root) -> dict[str, np.ndarray]:
@@ -139,24 +116,24 @@ def test_moving_occluder_is_marked_occluded(tmp_path):
 # ---------------------------------------------------------------- the stage contract
 
 
+@pytest.mark.slow
 def test_shards_in_parallel_equal_one_process(project, gen_video, tmp_path):
-    assert invoke("extract", project).exit_code == 0  # 12 frames, chunks of 4: 11 pairs in 3 units
+    ok("extract", project)  # 12 frames, chunks of 4: 11 pairs in 3 units
     single = tmp_path / "single"
-    assert invoke("init", single, "--video", gen_video, "--size", "64x64", "--chunk-frames", "4").exit_code == 0
-    assert invoke("extract", single).exit_code == 0
-    assert invoke("flow", single).exit_code == 0
+    ok("init", single, "--video", gen_video, "--size", "64x64", "--chunk-frames", "4")
+    ok("extract", single)
+    ok("flow", single)
 
-    env = {"PYTHONPATH": str(REPO), "VFX_QUIET": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "vfx", "flow", str(project), "--shard", f"{k}/2"],
-                              env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = [subprocess.Popen(vfx_command("flow", project, "--shard", f"{k}/2"), env=cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for k in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode()
     record = json.loads((project / "flow" / "stage.json").read_text())
     assert record["state"] == "complete" and record["params"]["method"] == "opencv-dis"
-    assert record["params"]["preset"] == "medium" and record["inputs"] == {"frames": json.loads(
-        (project / "frames" / "stage.json").read_text())["fingerprint"]}
+    assert record["params"]["preset"] == "medium" and record["inputs"] == {"frames/frames.zarr": json.loads(
+        (project / "frames" / "stage.json").read_text())["artifacts"]["frames.zarr"]}
     sharded, alone = read_flow(project), read_flow(single)
     for name in sharded:
         assert sharded[name].tobytes() == alone[name].tobytes(), name

@@ -11,17 +11,14 @@ import pytest
 import torch
 import zarr
 
-from conftest import image_folder, invoke, textured
-from test_stage_engine import chunk_files, cli_env, copy_project
+from conftest import chunk_files, cli_env, copy_project, image_folder, invoke, textured, tiny_pipe, video_project
 
 
 @pytest.fixture(params=["tiny", "tiny-v"])
 def small(request, tmp_path):
-    root = tmp_path / request.param
     folder = image_folder(tmp_path / "frames", [textured(64, seed=i) for i in range(3)])
-    for args in (("init", root, "--video", folder, "--size", "64x64", "--chunk-frames", "2", "--model", request.param),
-                 ("extract", root), ("encode", root)):
-        assert invoke(*args).exit_code == 0
+    root = video_project(tmp_path / request.param, folder, "--size", "64x64", "--chunk-frames", "2",
+                         "--model", request.param, stages=("extract", "encode"))
     return root, request.param
 
 
@@ -29,7 +26,6 @@ def test_trajectory_matches_diffusers_ddim_inverse_scheduler(small):
     from diffusers import DDIMInverseScheduler
 
     from vfx.diffusion.text import encode_prompt
-    from vfx.models import load_pipeline, resolve_model
 
     root, model = small
     result = invoke("invert", root, "--steps", "20", "--save-steps", "5", "--prompt", "a photo", "--no-reconstruction")
@@ -39,7 +35,7 @@ def test_trajectory_matches_diffusers_ddim_inverse_scheduler(small):
     assert saved == [951, 801, 601, 401, 201, 1]  # the 5-step editing schedule plus the final latent
     assert trajectory.attrs["prediction_type"] == ("v_prediction" if model == "tiny-v" else "epsilon")
 
-    pipe = load_pipeline(resolve_model(model), torch.device("cpu"), torch.float32)
+    pipe = tiny_pipe(model)
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(20)
     embedding = encode_prompt(pipe, "a photo").expand(3, -1, -1)
@@ -74,6 +70,7 @@ def test_round_trip_returns_the_clean_latents(small):
     assert fine < (0.05 if model == "tiny-v" else 0.45)
 
 
+@pytest.mark.slow
 def test_concurrent_shards_equal_one_process(encoded, tmp_path):
     args = ["--steps", "10", "--save-steps", "5"]
     assert invoke("invert", encoded, *args).exit_code == 0

@@ -1,5 +1,6 @@
 """examples/slurm and examples/Makefile.pipeline, run for real against stand-ins: a fake `sbatch`
-that runs array tasks one by one with the SLURM variables set, and make with two local shards."""
+that runs array tasks one by one with the SLURM variables set, and make with two local shards.
+Whole pipelines in subprocesses: slow."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, invoke
-from test_stage_engine import chunk_files, cli_env
+from conftest import REPO, cli_env, invoke, status_rows, video_project
 
 SLURM = REPO / "examples" / "slurm"
+pytestmark = pytest.mark.slow
 
 
 def vfx_shim(folder: Path) -> Path:
@@ -28,9 +29,8 @@ def vfx_shim(folder: Path) -> Path:
 
 @pytest.fixture
 def small(tmp_path, gen_video) -> Path:
-    root = tmp_path / "proj"
-    assert invoke("init", root, "--video", gen_video, "--size", "32x32", "--chunk-frames", "4", "--max-frames", "8").exit_code == 0
-    return root
+    return video_project(tmp_path / "proj", gen_video, "--size", "32x32", "--chunk-frames", "4", "--max-frames", "8",
+                         stages=())
 
 
 def test_driver_chains_arrays_sized_by_plan(small, tmp_path):
@@ -48,10 +48,10 @@ def test_driver_chains_arrays_sized_by_plan(small, tmp_path):
     assert any("vfx-encode.sbatch" in c and "--array=0-1" in c for c in calls), calls
     assert any("vfx-flow.sbatch" in c and "--array=0-1" in c for c in calls), calls  # 7 pairs in chunks of 4
     assert any("vfx-invert.sbatch" in c and "--dependency=afterok:42" in c for c in calls), calls
-    status = invoke("status", small, "--json").stdout
+    states = {folder: row["state"] for folder, row in status_rows(small).items()}
     for folder in ("latents", "inversion", "flow", "decoded/source", "eval/inversion"):
-        assert f'"folder": "{folder}"' in status
-    assert '"partial"' not in status and '"missing"' not in status and '"stale"' not in status
+        assert states.get(folder) == "complete", states
+    assert not {"partial", "missing", "stale"} & set(states.values()), states
 
     # Damage one chunk: resubmit.sh re-runs only the shard that owns it.
     (small / "latents" / "latents.zarr" / "c" / "1" / "0" / "0" / "0").unlink()
@@ -72,6 +72,7 @@ def test_makefile_pipeline_with_local_shards(small, tmp_path):
                            "INVERT_ARGS=--steps 10 --save-steps 5", "decode", "flow"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    status = invoke("status", small, "--json").stdout
-    assert '"partial"' not in status and '"stale"' not in status
+    states = {folder: row["state"] for folder, row in status_rows(small).items()}
+    assert states["decoded/source"] == states["flow"] == "complete", states
+    assert not {"partial", "stale"} & set(states.values()), states
     assert (small / "decoded" / "source" / "video.mp4").exists()

@@ -1,4 +1,4 @@
-"""Errors that reach the user as one line and an exit code (DESIGN section 4)."""
+"""Errors that reach the user as one line and an exit code (codes: 0 done, 1 failure, 2 bad input, 75 retry)."""
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -26,8 +26,3 @@ class MissingStage(BadInput):
         self.stage = stage
         self.command = command
 
-
-class TransientError(VfxError):
-    """A failure worth retrying (lock contention, out of memory, disk full)."""
-
-    exit_code = EXIT_TEMPFAIL

@@ -66,3 +66,39 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def replace_path(new: Path, final: Path) -> None:
+    """Move `new` (a file or a folder) to `final`, replacing whatever is there.
+
+    A folder cannot be renamed over another, so the old one steps aside to `.NAME.old` first; a crash
+    in between leaves it there, and `restore_aside` (called first here) puts it back.
+    """
+    new, final = Path(new), Path(final)
+    restore_aside(final)
+    old = _aside(final)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    _remove(old)
+
+
+def restore_aside(final: Path) -> None:
+    """Undo a `replace_path` that died between its two renames: the old `final` comes back."""
+    old = _aside(Path(final))
+    if old.exists() and not Path(final).exists():
+        os.replace(old, final)
+    _remove(old)
+
+
+def _aside(final: Path) -> Path:
+    return final.parent / f".{final.name}.old"
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

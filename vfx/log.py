@@ -1,4 +1,4 @@
-"""Messages and progress bars go to stderr; stdout carries results only (DESIGN section 4)."""
+"""Messages and progress bars go to stderr; stdout carries results only."""
 
 from __future__ import annotations
 

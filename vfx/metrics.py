@@ -1,6 +1,6 @@
-"""Pixel metrics (DESIGN section 7): warp error, PSNR, SSIM. Frames are uint8 RGB [H, W, 3].
+"""Pixel metrics: warp error, PSNR, SSIM. Frames are uint8 RGB [H, W, 3].
 
-CLIP and DINO scores live in vfx/embeddings.py (they need a model).
+CLIP and DINO scores live in vfx/similarity.py (they need a model).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 import cv2
 import numpy as np
 
-from vfx.flow import warp
+from vfx.opticalflow import warp
 
 PSNR_IDENTICAL = 100.0  # PSNR of identical frames (instead of infinity, which JSON cannot hold)
 

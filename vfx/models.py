@@ -20,7 +20,7 @@ import torch
 
 from vfx import log
 from vfx.errors import BadInput
-from vfx.fsutil import file_lock
+from vfx.fsutil import file_lock, replace_path
 
 # 2: the ControlNet's zero convolutions carry weights, so control reaches the UNet;
 # 3: the VAE's scaling factor gives unit-variance latents.
@@ -38,7 +38,7 @@ def cache_dir() -> Path:
 
 def build_tiny(folder: Path, variant: str = "tiny") -> Path:
     """Build the tiny pipeline into `folder` (deterministic: the same bytes every time)."""
-    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from vfx.tokenizer import write_tokenizer_files
@@ -69,33 +69,9 @@ def build_tiny(folder: Path, variant: str = "tiny") -> Path:
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(1)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(32, 64, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4, 8, 8) if sd2 else 4,
-        use_linear_projection=sd2,
-        norm_num_groups=16,
-    )
+    unet = tiny_unet(sd2)
     torch.manual_seed(2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
-    vae.register_to_config(scaling_factor=unit_variance_scale(vae))
+    vae = tiny_vae()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -122,6 +98,45 @@ def build_tiny(folder: Path, variant: str = "tiny") -> Path:
     controlnet.save_pretrained(folder / "controlnet")
     (folder / "VFX_TINY_MODEL").write_text(f"{variant} {TINY_VERSION}\n")
     return folder
+
+
+def tiny_unet(sd2: bool):
+    """SD's UNet block structure at toy width: 3 cross-attention down blocks + 1 plain, mirrored up."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 8, 8) if sd2 else 4,
+        use_linear_projection=sd2,
+        norm_num_groups=16,
+    )
+
+
+def tiny_vae():
+    """SD's VAE shape (downsampling factor 8, 4 latent channels), scaled to unit-variance latents."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+    vae.register_to_config(scaling_factor=unit_variance_scale(vae))
+    return vae
 
 
 @torch.no_grad()
@@ -158,8 +173,7 @@ def tiny_model_dir(variant: str = "tiny") -> Path:
             scratch = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{variant}-"))
             try:
                 build_tiny(scratch, variant)
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(scratch, target)
+                replace_path(scratch, target)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     return target
@@ -347,14 +361,19 @@ def load_controlnet(ref: ControlNetRef, device: torch.device, dtype: torch.dtype
     return controlnet.to(device, dtype).eval()
 
 
-def scheduler_info(pipe) -> dict:
-    config = pipe.scheduler.config
-    return {
-        "prediction_type": config.get("prediction_type", "epsilon"),
-        "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
-        "scaling_factor": float(pipe.vae.config.get("scaling_factor", 0.18215)),
-    }
+def scheduler_config(ref: ModelRef) -> dict | None:
+    """The model's scheduler config read from its folder (no weights loaded); None for a single file."""
+    if ref.is_tiny:
+        folder = tiny_model_dir(ref.location)
+    elif ref.kind in {"folder", "hub"}:
+        folder = Path(ref.location)
+    else:
+        return None
+    try:
+        stored = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        import diffusers
 
-
-def describe_tiny(folder: Path) -> dict:
-    return json.loads((folder / "unet" / "config.json").read_text())
+        # Through the pipeline's own scheduler class, so its defaults fill what the file leaves out.
+        return dict(getattr(diffusers, stored["_class_name"]).from_config(stored).config)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None

@@ -12,22 +12,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from vfx import graph
 from vfx.errors import BadInput
-from vfx.project import Project, validate_name
-from vfx.stage import Shard, StageFolder
+from vfx.project import Project
+from vfx.stage import Shard, StageFolder, is_complete, upstream
 from vfx.store import open_array
 
-# Frame-chunked stages: output folder (NAME: an edit or eval name) and whether units are frame pairs.
-FRAME_STAGES = {
-    "encode": ("latents", False),
-    "invert": ("inversion", False),
-    "flow": ("flow", True),
-    "decode": ("decoded/{name}", False),
-    "eval": ("eval/{name}", False),
-}
-IMAGE_STAGES = {"regularize": "dreambooth/{name}/class", "sample": "dreambooth/{name}/samples"}
-SHARDABLE = tuple(FRAME_STAGES) + tuple(IMAGE_STAGES)
-DEFAULT_NAMES = {"decode": "source", "eval": "source"}
+SHARDABLE = graph.SHARDABLE
 
 
 @dataclass(frozen=True)
@@ -41,21 +32,18 @@ class Request:
     batch_size: int = 4
 
 
-def check_stage(stage: str) -> str:
+def check_stage(stage: str) -> graph.StageSpec:
     if stage not in SHARDABLE:
         raise BadInput(f"unknown or unshardable stage {stage!r}: use one of {', '.join(SHARDABLE)}")
-    return stage
+    return graph.spec(stage)
 
 
 def stage_folder(project: Project, request: Request) -> Path:
     """The stage's output folder inside the project."""
-    stage = check_stage(request.stage)
-    template = FRAME_STAGES[stage][0] if stage in FRAME_STAGES else IMAGE_STAGES[stage]
-    name = request.name or DEFAULT_NAMES.get(stage)
-    if "{name}" in template and not name:
-        raise BadInput(f"{stage} needs --name (the DreamBooth run)")
-    folder = template.format(name=validate_name(name, "name") if name else "")
-    return project.path(*folder.split("/"))
+    row = check_stage(request.stage)
+    if row.named and not (request.name or row.default_name):
+        raise BadInput(f"{request.stage} needs --name (the DreamBooth run)")
+    return project.path(*row.folder_for(request.name).split("/"))
 
 
 def recorded_units(folder: Path) -> int | None:
@@ -66,18 +54,17 @@ def recorded_units(folder: Path) -> int | None:
 
 def count_units(project: Project, request: Request) -> int:
     """The number of units the stage will have, from its upstream artifact (or the request)."""
-    stage = check_stage(request.stage)
-    if stage in IMAGE_STAGES:
+    row = check_stage(request.stage)
+    if row.unit == "image":
         if not request.images or request.images < 1 or request.batch_size < 1:
-            raise BadInput(f"{stage} units are groups of --batch-size images: give --images N (and --batch-size)")
+            raise BadInput(f"{row.stage} units are groups of --batch-size images: give --images N (and --batch-size)")
         return math.ceil(request.images / request.batch_size)
-    frames = StageFolder(project.path("frames"))
-    frames.require_complete("extract", f"vfx extract {project.root} --video FILE")
-    array = open_array(project.path("frames", "frames.zarr"))
-    chunk = request.chunk_frames or array.chunks[0]
+    frames = upstream(project, "extract", "frames.zarr")
+    array = open_array(frames.folder / "frames.zarr")
+    chunk = array.chunks[0] if request.chunk_frames is None else request.chunk_frames
     if chunk < 1:
         raise BadInput("--chunk-frames must be at least 1")
-    items = array.shape[0] - (1 if FRAME_STAGES[stage][1] else 0)
+    items = array.shape[0] - (1 if row.unit == "pair" else 0)
     return math.ceil(max(items, 0) / chunk)
 
 
@@ -93,8 +80,7 @@ def missing_shards(folder: Path, units: int, shards: int, verify: bool = False) 
     if shards < 1:
         raise BadInput("--shards must be at least 1")
     sf = StageFolder(folder)
-    rec = sf.record()
-    complete = bool(rec) and rec.get("state") == "complete"
+    complete = is_complete(sf.record())
     # A complete record vouches for every unit, unless verifying (then each marker must be there).
     done = set(range(units)) if complete and not verify else sf.done_units()
     damaged = set(sf.damaged_units(done)) if verify else set()

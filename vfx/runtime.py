@@ -1,4 +1,4 @@
-"""Device and dtype resolution (DESIGN section 4)."""
+"""Device and dtype resolution: fp32 on CPU, fp16 on CUDA unless asked."""
 
 from __future__ import annotations
 

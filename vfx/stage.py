@@ -1,4 +1,4 @@
-"""The stage contract (DESIGN section 3): fingerprints, records, chunk completion, shards.
+"""The stage contract: fingerprints, records, chunk completion, shards.
 
 A stage folder holds `stage.json` (the record) and `.done/<unit>.json` markers. A unit of work is
 one chunk of frames (or one image); its marker is written only after its data is fully written,
@@ -26,13 +26,14 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 import vfx
+from vfx import graph
 from vfx.errors import BadInput, MissingStage
 from vfx.fsutil import atomic_write_json, file_lock, read_json
 
 RECORD = "stage.json"
 DONE_DIR = ".done"
 LOCK = ".lock"
-SCHEMA = 1  # artifact layout version; part of every fingerprint
+SCHEMA = 2  # artifact layout version; part of every fingerprint (2: inputs name upstream artifacts)
 
 
 def fingerprint(obj: Any) -> str:
@@ -175,21 +176,48 @@ class StageFolder:
         return [unit for unit in sorted(units) if unit in done and self.check_unit(unit) == "damaged"]
 
     def is_complete(self) -> bool:
-        rec = self.record()
-        return bool(rec) and rec.get("state") == "complete"
-
-    def require_complete(self, stage: str, command: str) -> dict:
-        """The record of an upstream stage, or a MissingStage error naming the command to run."""
-        rec = self.record()
-        if not rec or rec.get("state") != "complete":
-            raise MissingStage(stage, command)
-        return rec
+        return is_complete(self.record())
 
 
-def upstream(project, folder: str, stage: str, command: str) -> dict:
-    """The complete record of an upstream stage of `project`, or an error naming the command to run
-    (`{dir}` in `command` becomes the project directory)."""
-    return StageFolder(project.path(*folder.split("/"))).require_complete(stage, command.format(dir=project.root))
+def is_complete(record: Any) -> bool:
+    """Whether a stage record says its stage finished."""
+    return isinstance(record, dict) and record.get("state") == "complete"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An artifact of a complete upstream stage, as a downstream stage reads it."""
+
+    key: str  # FOLDER/ARTIFACT: the name under which the downstream record lists it as an input
+    fingerprint: str
+    record: dict
+    folder: Path  # the upstream stage's folder
+
+    def input(self) -> dict[str, str]:
+        return {self.key: self.fingerprint}
+
+
+def upstream(project, stage: str, artifact: str, name: str | None = None) -> Upstream:
+    """An artifact of a complete upstream stage, or a MissingStage error naming the command that makes it."""
+    row = graph.spec(stage)
+    rel = row.folder_for(name)
+    folder = project.path(*rel.split("/"))
+    record = read_json(folder / RECORD)
+    artifact_print = record.get("artifacts", {}).get(artifact) if is_complete(record) else None
+    if artifact_print is None:
+        label = f"{stage} {name or row.default_name}" if row.named else stage
+        raise MissingStage(label, row.command_for(project.root, name))
+    return Upstream(graph.artifact_key(rel, artifact), artifact_print, record, folder)
+
+
+def artifact_fingerprints(stage: str, params: dict, inputs: dict, units: int) -> dict[str, str]:
+    """One fingerprint per artifact of `stage` (graph.STAGES): what that artifact's bytes depend on."""
+    prints = {}
+    for artifact in graph.spec(stage).artifacts:
+        kept = {key: value for key, value in params.items() if key not in artifact.ignores}
+        prints[artifact.path] = fingerprint({"stage": stage, "schema": SCHEMA, "artifact": artifact.path,
+                                             "params": kept, "inputs": inputs, "units": units})
+    return prints
 
 
 class StageRun:
@@ -216,6 +244,7 @@ class StageRun:
         self.fingerprint = fingerprint(
             {"stage": stage, "schema": SCHEMA, "params": params, "inputs": inputs, "units": units}
         )
+        self.artifacts = artifact_fingerprints(stage, params, inputs, units)
 
     @property
     def path(self) -> Path:
@@ -225,9 +254,12 @@ class StageRun:
         return file_lock(self.path / LOCK)
 
     def up_to_date(self) -> bool:
-        """Complete with this fingerprint, and this shard's units read back intact."""
+        """Not forced, complete with this fingerprint, and this shard's units read back intact
+        (cheapest first: the record, then the stored bytes)."""
+        if self.force:
+            return False
         rec = self.folder.record()
-        if not rec or rec.get("state") != "complete" or rec.get("fingerprint") != self.fingerprint:
+        if not is_complete(rec) or rec.get("fingerprint") != self.fingerprint or rec.get("artifacts") != self.artifacts:
             return False
         return not self.folder.damaged_units(self.shard.units(self.units))
 
@@ -237,6 +269,7 @@ class StageRun:
             "schema": SCHEMA,
             "version": vfx.__version__,
             "fingerprint": self.fingerprint,
+            "artifacts": self.artifacts,
             "params": self.params,
             "inputs": self.inputs,
             "units": self.units,
@@ -261,7 +294,7 @@ class StageRun:
                 redo = list(mine) if self.force else self.folder.damaged_units(mine)
                 for unit in redo:
                     self.folder.marker(unit).unlink(missing_ok=True)
-                if redo and rec.get("state") == "complete":
+                if redo and is_complete(rec):
                     rec.update(state="running", started=now(), started_unix=time.time())
                     atomic_write_json(self.folder.record_path, rec)
             done = self.folder.done_units()
@@ -280,7 +313,7 @@ class StageRun:
         """Complete the stage if every unit is done (by any shard). Returns whether it is complete."""
         with self._lock():
             rec = self.folder.record() or self._new_record()
-            if rec.get("state") == "complete" and rec.get("fingerprint") == self.fingerprint:
+            if is_complete(rec) and rec.get("fingerprint") == self.fingerprint:
                 return True
             if len(self.folder.done_units() & set(range(self.units))) < self.units:
                 return False

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vfx import graph
 from vfx.project import Project
 from vfx.stage import DONE_DIR, RECORD, StageFolder
 from vfx.store import folder_size
-
-# The video pipeline's fixed stages, in order, with the command that makes each.
-PIPELINE = [
-    ("frames", "extract", "vfx extract DIR --video FILE"),
-    ("latents", "encode", "vfx encode DIR"),
-    ("inversion", "invert", "vfx invert DIR"),
-    ("flow", "flow", "vfx flow DIR"),
-]
 
 
 def _record_folders(root: Path) -> list[Path]:
@@ -47,6 +40,7 @@ def stage_states(project: Project, verify: bool = False) -> list[dict]:
             "params": rec.get("params", {}),
             "inputs": rec.get("inputs", {}),
             "fingerprint": rec.get("fingerprint"),
+            "artifacts": rec.get("artifacts", {}),
             "seconds": rec.get("seconds"),
             "finished": rec.get("finished"),
             "bytes": folder_size(folder),
@@ -56,12 +50,17 @@ def stage_states(project: Project, verify: bool = False) -> list[dict]:
             rows[rel]["damaged_units"] = _damaged(sf, units, state)
 
     def stale(rel: str, seen: frozenset = frozenset()) -> bool:
+        """Whether an input artifact of `rel` changed, is missing, or is itself stale (recursively)."""
         row = rows.get(rel)
         if row is None or rel in seen:
             return True
-        for upstream, fp in row["inputs"].items():
-            up = rows.get(upstream)
-            if up is None or up["fingerprint"] != fp or up["state"] != "complete" or stale(upstream, seen | {rel}):
+        for key, fp in row["inputs"].items():
+            owner = graph.owner_of(key, list(rows))
+            if owner is None:
+                return True
+            folder, artifact = owner
+            up = rows[folder]
+            if up["artifacts"].get(artifact) != fp or up["state"] != "complete" or stale(folder, seen | {rel}):
                 return True
         return False
 
@@ -72,9 +71,10 @@ def stage_states(project: Project, verify: bool = False) -> list[dict]:
         if row.get("damaged_units"):
             row.update(state="damaged", done=row["done"] - len(row["damaged_units"]))
     ordered = []
-    for folder, stage, command in PIPELINE:
-        ordered.append(rows.pop(folder, None) or {"folder": folder, "stage": stage, "state": "missing",
-                                                  "hint": command.replace("DIR", str(root))})
+    for stage in graph.PIPELINE:
+        row = graph.spec(stage)
+        ordered.append(rows.pop(row.folder, None) or {"folder": row.folder, "stage": stage, "state": "missing",
+                                                      "hint": row.command_for(root)})
     ordered += [rows[key] for key in sorted(rows)]
     return ordered
 

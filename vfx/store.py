@@ -53,7 +53,3 @@ def folder_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def as_numpy(array: zarr.Array, start: int, end: int) -> np.ndarray:
-    return np.asarray(array[start:end])

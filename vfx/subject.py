@@ -33,7 +33,7 @@ def eval_subject(
         raise BadInput("pass --clip PATH (CLIP-I, CLIP-T) and/or --dino PATH (DINO)")
     if prompt and clip_path is None:
         raise BadInput("CLIP-T needs --clip PATH")
-    from vfx.embeddings import Clip, Dino, cosines, mean_pairwise_cosine
+    from vfx.similarity import Clip, Dino, cosines, mean_pairwise_cosine
     from vfx.runtime import resolve_device
 
     torch_device = resolve_device(device)

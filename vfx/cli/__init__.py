@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -38,7 +39,9 @@ def _global(
 ) -> None:
     """Global options."""
     DEBUG["on"] = DEBUG["on"] or debug
-    log.set_quiet(quiet or log.quiet_from_env())
+    # Under torchrun or accelerate, one process speaks: rank 0's messages and progress are everyone's.
+    secondary = os.environ.get("RANK", "0") not in {"", "0"}
+    log.set_quiet(quiet or log.quiet_from_env() or secondary)
 
 
 from vfx.cli import project_cmds, video_cmds  # noqa: E402,F401  (registers the commands)

@@ -15,7 +15,7 @@ import click
 import typer
 
 from vfx import log
-from vfx.errors import EXIT_FAILURE, EXIT_TEMPFAIL, TransientError, VfxError
+from vfx.errors import EXIT_FAILURE, EXIT_TEMPFAIL, VfxError
 
 DEBUG = {"on": bool(os.environ.get("VFX_DEBUG"))}
 
@@ -131,4 +131,21 @@ def emit(result: dict[str, Any], as_json: bool, text: str | None = None) -> None
         log.out.print(text)
 
 
-__all__ = ["command", "emit", "TransientError"]
+def settings_for(root, model=None, device=None, dtype=None, shard=None, force=False, allow_pickle=False, model_config=None,
+                 shardable=True):
+    """Flags resolved against vfx.toml; stages that do not shard ignore the SLURM array variables."""
+    from vfx.settings import Settings
+
+    return Settings.resolve(root, model, device, dtype, shard, force, allow_pickle, model_config, shardable)
+
+
+def report(result: dict, as_json: bool) -> None:
+    state = result.get("state")
+    if result.get("up_to_date"):
+        text = f"{result['stage']}: up to date"
+    elif state == "complete":
+        text = f"{result['stage']}: complete ({result.get('computed_units', 0)} chunks computed here)"
+    else:
+        text = (f"{result['stage']}: shard {result.get('shard')} done; {result.get('done_units')}/{result.get('units')} "
+                "chunks complete overall")
+    emit(result, as_json, text)

@@ -10,8 +10,8 @@ import typer
 from vfx.cli import app
 from vfx.cli.common import (
     AllowPickleOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelConfigOpt, ModelOpt, ProjectDir, ShardOpt, command, emit,
+    report, settings_for,
 )
-from vfx.cli.video_cmds import report, settings_for
 
 RunOpt = Annotated[str, typer.Option("--name", help="Run name: everything goes to dreambooth/NAME/ in the project.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed. Default: vfx.toml (0).", show_default=False)]

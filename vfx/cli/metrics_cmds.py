@@ -10,7 +10,7 @@ import typer
 from vfx import log
 from vfx.cli import app
 from vfx.cli.common import DeviceOpt, ForceOpt, JsonOpt, ProjectDir, ShardOpt, command, emit
-from vfx.cli.video_cmds import report
+from vfx.cli.common import report
 
 ClipOpt = Annotated[
     Path | None,

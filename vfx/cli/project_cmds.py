@@ -50,6 +50,8 @@ def init_cmd(
         resolve_model(model)
     if chunk_frames is not None and chunk_frames < 1:
         raise BadInput("--chunk-frames must be at least 1")
+    if max_frames is not None and max_frames < 0:
+        raise BadInput("--max-frames must be 0 (all frames) or more")
     overrides = {
         "model": model, "size": size, "max_frames": max_frames, "chunk_frames": chunk_frames, "prompt": prompt,
         "seed": seed, "device": device, "dtype": dtype, "video": str(video) if video else None,
@@ -100,7 +102,7 @@ def missing_text(project: Project, request, shards: int | None, verify: bool) ->
 
     folder = stage_folder(project, request)
     units = recorded_units(folder) or count_units(project, request)
-    count = shards or units
+    count = units if shards is None else shards
     indices = missing_shards(folder, units, count, verify)
     return {"stage": request.stage, "folder": str(folder), "units": units, "shards": count,
             "missing": indices, "array": array_spec(indices)}

@@ -10,30 +10,12 @@ import typer
 from vfx.cli import app
 from vfx.cli.common import (
     AllowPickleOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelConfigOpt, ModelOpt, ProjectDir, ShardOpt, command, emit,
+    report, settings_for,
 )
 from vfx.errors import BadInput
+from vfx.stages.edit_config import DEFAULTS as EDIT_DEFAULTS, NEGATIVE_PROMPT
 
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Frames per VAE call.")]
-
-
-def settings_for(root, model=None, device=None, dtype=None, shard=None, force=False, allow_pickle=False, model_config=None,
-                 shardable=True):
-    """Flags resolved against vfx.toml; stages that do not shard ignore the SLURM array variables."""
-    from vfx.stages.common import Settings
-
-    return Settings.resolve(root, model, device, dtype, shard, force, allow_pickle, model_config, shardable)
-
-
-def report(result: dict, as_json: bool) -> None:
-    state = result.get("state")
-    if result.get("up_to_date"):
-        text = f"{result['stage']}: up to date"
-    elif state == "complete":
-        text = f"{result['stage']}: complete ({result.get('computed_units', 0)} chunks computed here)"
-    else:
-        text = (f"{result['stage']}: shard {result.get('shard')} done; {result.get('done_units')}/{result.get('units')} "
-                "chunks complete overall")
-    emit(result, as_json, text)
 
 
 @command(app, "extract")
@@ -146,23 +128,23 @@ def edit_cmd(
     root: ProjectDir,
     prompt: Annotated[str, typer.Option(help="The edited video's description (required; an empty prompt is refused).", show_default=False)],
     name: Annotated[str | None, typer.Option(help="Edit name (folder edits/NAME). Default: derived from the prompt.", show_default=False)] = None,
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt (the unconditional branch).")] = "ugly, blurry, low res, unrealistic, unaesthetic",
+    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt (the unconditional branch).", show_default=NEGATIVE_PROMPT)] = None,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
     steps: Annotated[int, typer.Option(help="Denoising steps; the inversion must have saved this schedule (invert --save-steps).")] = 50,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Window length: one random keyframe is drawn per window of this many frames, every step.")] = 8,
     method: Annotated[str, typer.Option(help="pnp: TokenFlow + plug-and-play injection from the inverted noise. sdedit: start part-way down the schedule (--start), no injection; see docs/edit-variants.md.")] = "pnp",
-    pnp_attn_t: Annotated[float | None, typer.Option(help="pnp: fraction of the steps with query/key injection in the decoder's self-attention.", show_default="0.5")] = None,
-    pnp_f_t: Annotated[float | None, typer.Option(help="pnp: fraction of the steps with resnet-feature injection.", show_default="0.8")] = None,
-    start: Annotated[float | None, typer.Option(help="sdedit: noise level to start from, a fraction of the schedule's range; the edit starts at the schedule's timestep nearest it (1.0: the noisiest).", show_default="0.9")] = None,
+    pnp_attn_t: Annotated[float | None, typer.Option(help="pnp: fraction of the steps with query/key injection in the decoder's self-attention.", show_default=str(EDIT_DEFAULTS["pnp_attn_t"]))] = None,
+    pnp_f_t: Annotated[float | None, typer.Option(help="pnp: fraction of the steps with resnet-feature injection.", show_default=str(EDIT_DEFAULTS["pnp_f_t"]))] = None,
+    start: Annotated[float | None, typer.Option(help="sdedit: noise level to start from, a fraction of the schedule's range; the edit starts at the schedule's timestep nearest it (1.0: the noisiest).", show_default=str(EDIT_DEFAULTS["start"]))] = None,
     fresh_noise: Annotated[bool, typer.Option("--fresh-noise", help="sdedit: start from the clean latents plus new seeded Gaussian noise (one map for every frame) instead of the inverted latents.")] = False,
     control: Annotated[str | None, typer.Option(help="canny: condition the edit branches on Canny edges of the source frames through a ControlNet (edge maps kept in edits/NAME/control.zarr).", show_default=False)] = None,
     control_model: Annotated[str | None, typer.Option(help="ControlNet: a diffusers folder or cached Hub id matching the model's UNet. Default: the tiny model's own (other models need this).", show_default=False)] = None,
-    control_scale: Annotated[float | None, typer.Option(help="Scale of the ControlNet residuals (0: no effect).", show_default="1.0")] = None,
-    canny_low: Annotated[int | None, typer.Option(help="Canny lower hysteresis threshold.", show_default="100")] = None,
-    canny_high: Annotated[int | None, typer.Option(help="Canny upper hysteresis threshold.", show_default="200")] = None,
+    control_scale: Annotated[float | None, typer.Option(help="Scale of the ControlNet residuals (0: no effect).", show_default=str(EDIT_DEFAULTS["control_scale"]))] = None,
+    canny_low: Annotated[int | None, typer.Option(help="Canny lower hysteresis threshold.", show_default=str(EDIT_DEFAULTS["canny_low"]))] = None,
+    canny_high: Annotated[int | None, typer.Option(help="Canny upper hysteresis threshold.", show_default=str(EDIT_DEFAULTS["canny_high"]))] = None,
     correspondence: Annotated[str, typer.Option(help="features: match tokens to keyframes by source-feature similarity. flow: compose flow/ (run `vfx flow` first) from each frame to its keyframes; occluded tokens fall back to features.")] = "features",
     lora: Annotated[Path | None, typer.Option(help="LoRA weights (diffusers-format .safetensors, or a `vfx train --mode lora` weights folder) applied to the model.", show_default=False)] = None,
-    lora_scale: Annotated[float | None, typer.Option(help="Strength of the LoRA (0: exactly the base model).", show_default="1.0")] = None,
+    lora_scale: Annotated[float | None, typer.Option(help="Strength of the LoRA (0: exactly the base model).", show_default=str(EDIT_DEFAULTS["lora_scale"]))] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the keyframe draws. Default: vfx.toml (0).", show_default=False)] = None,
     propagation: Annotated[str, typer.Option(help="distance: blend the two neighbouring keyframes by real distance. reference: the reference implementation's window-centre sigmoid blend of the previous keyframe, for comparison.")] = "distance",
     keyframes: Annotated[Path | None, typer.Option(help="Replay a keyframe schedule (JSON list of lists or .npy, steps x K) instead of drawing one.", show_default=False)] = None,
@@ -178,11 +160,17 @@ def edit_cmd(
 ) -> None:
     """Edit the video with TokenFlow: keyframes with extended attention, features propagated to every frame (PnP or SDEdit, optional ControlNet, flow correspondences, LoRA)."""
     from vfx.stages.edit import edit
+    from vfx.stages.edit_config import EditConfig
 
+    options = dict(prompt=prompt, name=name, guidance=guidance, steps=steps, batch_size=batch_size, method=method,
+                   pnp_attn_t=pnp_attn_t, pnp_f_t=pnp_f_t, start=start, fresh_noise=fresh_noise, control=control,
+                   control_model=control_model, control_scale=control_scale, canny_low=canny_low,
+                   canny_high=canny_high, correspondence=correspondence, lora=lora, lora_scale=lora_scale, seed=seed,
+                   propagation=propagation, keyframes=keyframes, keyframe_batch=keyframe_batch,
+                   frame_batch=frame_batch)
+    if negative_prompt is not None:
+        options["negative_prompt"] = negative_prompt
     settings = settings_for(root, model, device, dtype, None, force, allow_pickle, model_config, shardable=False)
-    result = edit(settings, prompt, name, negative_prompt, guidance, steps, batch_size, pnp_attn_t, pnp_f_t, seed,
-                  propagation, keyframes, keyframe_batch, frame_batch, method=method, start=start, fresh=fresh_noise,
-                  control=control, control_model=control_model, control_scale=control_scale, canny_low=canny_low,
-                  canny_high=canny_high, correspondence=correspondence, lora=lora, lora_scale=lora_scale)
+    result = edit(settings, EditConfig(**options))
     text = f"edit {result['name']}: " + ("up to date" if result.get("up_to_date") else "complete")
     emit(result, as_json, text)

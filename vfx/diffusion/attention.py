@@ -1,26 +1,30 @@
 """TokenFlow's attention processors and the PnP feature hook, on diffusers' public APIs.
 
-Every self-attention (`attn1` of each transformer block) gets a `TokenFlowProcessor`; they share
-one `TokenFlowState`, which the edit loop switches between passes:
+Every UNet call the editor makes carries [source | uncond | cond], n frames each (`Branches`); the
+editor describes the call under way (`Call`: the layout, the injection switches, the propagation
+plan) on a `ProcessorContext` shared with its processors. Each processor does one thing, and the
+editor swaps them per pass on every self-attention (`attn1`) with `unet.set_attn_processor`:
 
-- "keyframe": extended attention. The batch is [source | uncond | cond] x K keyframes; the source
-  branch attends within its own frame, each edit branch attends to the keys/values of all K
-  keyframes at once (one shared K/V sequence through SDPA, no K-fold repetition). The source
-  branch's input tokens and every branch's outputs are cached per layer.
-- "propagate": no attention. Each frame's tokens are matched (cosine similarity of the source
-  branch's input tokens, argmax) to its neighbouring keyframes' tokens, and the output is the
+- `FrameAttnProcessor`: per-frame attention in every branch (the naive per-frame PnP baseline).
+- `KeyframeAttnProcessor`: extended attention for the keyframe pass. The source branch attends
+  within its own frame; each edit branch attends to the keys/values of all n keyframes at once (one
+  shared K/V sequence through SDPA, no n-fold repetition). The source branch's input tokens and
+  every branch's outputs are cached per layer.
+- `PropagationProcessor`: no attention. Each frame's tokens are matched (cosine similarity of the
+  source branch's input tokens, argmax) to its neighbouring keyframes' tokens, and the output is the
   matched keyframe outputs blended by the frame's weights. Correspondences given from outside
   (optical flow) take the place of the matching wherever they are defined.
-- "plain": per-frame attention in every branch (the naive per-frame PnP baseline).
 
 Plug-and-play injection replaces the edit branches' queries and keys by the source branch's in the
 decoder's self-attentions, and the output of `conv2` of one decoder resnet by the source branch's
-(a forward hook, before the residual sum).
+(a forward hook, before the residual sum). A batch that is not the described layout is refused,
+never reinterpreted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -69,24 +73,72 @@ def find_layers(unet) -> UNetLayers:
     return UNetLayers(self_attention, injected, f"up_blocks.{first}.resnets.{resnet}.conv2")
 
 
-@dataclass
-class TokenFlowState:
-    """What the processors need to know about the current pass, and what they cache."""
+@dataclass(frozen=True)
+class Branches:
+    """The batch layout of one UNet call: the ORDER branches stacked along dim 0, `n` frames each."""
 
-    mode: str = "plain"  # plain | keyframe | propagate
-    inject_attention: bool = False
-    inject_conv: bool = False
-    query_slice: int = 0  # keyframes per extended-attention query slice (0: all at once)
-    neighbours: Neighbours | None = None
+    n: int
+    ORDER: ClassVar[tuple[str, ...]] = ("source", "uncond", "cond")
+
+    def rows(self, branch: int) -> slice:
+        """The rows of branch `branch` (an index into ORDER)."""
+        return slice(branch * self.n, (branch + 1) * self.n)
+
+    def check(self, x: torch.Tensor) -> None:
+        """Refuse a batch that is not this layout ([3n, ...])."""
+        if x.shape[0] != len(self.ORDER) * self.n:
+            raise ValueError(f"expected a batch of {len(self.ORDER)} branches x {self.n} frames "
+                             f"({' | '.join(self.ORDER)}), got {x.shape[0]} rows")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One UNet call, as the editor describes it to its processors and its conv hook."""
+
+    branches: Branches
+    inject_attention: bool = False  # PnP q/k injection in the injected self-attentions
+    inject_conv: bool = False  # PnP feature injection at the hooked conv
+    neighbours: Neighbours | None = None  # propagation calls: each frame's keyframes and weights
+
+
+@dataclass
+class KeyframeCache:
+    """What the keyframe pass leaves per layer for propagation."""
+
     source_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> [K, L, C] (normalised)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> [3, K, L, C]
-    attention_injections: int = 0
-    conv_injections: int = 0
-    trace: dict | None = None  # when a dict, propagation records its matched indices per layer (tests)
+
+    def store(self, name: str, hidden: torch.Tensor, out: torch.Tensor, branches: Branches) -> None:
+        """Cache layer `name`'s [3K, L, C] input (its source branch) and output."""
+        self.source_tokens[name] = normalise(hidden[branches.rows(0)])
+        self.outputs[name] = out.view(len(branches.ORDER), branches.n, *out.shape[1:])
 
     def clear(self) -> None:
         self.source_tokens.clear()
         self.outputs.clear()
+
+
+@dataclass
+class ProcessorContext:
+    """Shared by an editor and its processors: the call under way (set by the editor around each UNet
+    call, None between calls), the keyframe cache, and the injection counts."""
+
+    call: Call | None = None
+    cache: KeyframeCache = field(default_factory=KeyframeCache)
+    injections: dict[str, int] = field(default_factory=lambda: {"attention": 0, "conv": 0})
+
+    def current(self, hidden: torch.Tensor) -> Call:
+        """The call under way, once `hidden` ([3n, L, C]) is checked against its layout."""
+        if self.call is None:
+            raise RuntimeError("a TokenFlow processor ran outside a UNet call of its editor")
+        if hidden.ndim != 3:
+            raise ValueError(f"expected self-attention tokens [3n, L, C], got shape {tuple(hidden.shape)}")
+        self.call.branches.check(hidden)
+        return self.call
+
+    def count(self, kind: str, injected: bool) -> bool:
+        self.injections[kind] += int(injected)
+        return injected
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -99,11 +151,14 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
-def self_attention(attn, hidden: torch.Tensor, inject: bool, extended: bool, query_slice: int = 0) -> torch.Tensor:
+def self_attention(attn, hidden: torch.Tensor, branches: Branches, inject: bool, extended: bool,
+                   query_slice: int = 0) -> torch.Tensor:
     """[3n, L, C] -> [3n, L, C]. The source branch attends within each frame; with `extended`, each edit
     branch attends to the keys/values of all n frames at once, else within each frame too.
-    `inject` gives the edit branches the source branch's queries and keys (PnP)."""
-    n = hidden.shape[0] // 3
+    `inject` gives the edit branches the source branch's queries and keys (PnP). `query_slice`
+    (extended only): keyframes per query slice, 0 for all at once."""
+    branches.check(hidden)
+    n = branches.n
     length = hidden.shape[1]
     q, k, v = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
     if inject:
@@ -118,7 +173,7 @@ def self_attention(attn, hidden: torch.Tensor, inject: bool, extended: bool, que
     outputs = [_merge(source)]
     step = query_slice if query_slice > 0 else n
     for branch in (1, 2):
-        rows = slice(branch * n, (branch + 1) * n)
+        rows = branches.rows(branch)
         # All keyframes' tokens form one key/value sequence shared by every query of the branch.
         keys = _heads(k[rows].reshape(1, n * length, -1), heads)
         values = _heads(v[rows].reshape(1, n * length, -1), heads)
@@ -157,12 +212,15 @@ def _gather(keyframe_out: torch.Tensor, slots: torch.Tensor, index: torch.Tensor
     return torch.gather(picked, 2, index[None, :, :, None].expand(picked.shape[0], -1, -1, picked.shape[-1]))
 
 
-def propagate(state: TokenFlowState, name: str, hidden: torch.Tensor) -> torch.Tensor:
-    """[3m, L, C] -> matched, blended keyframe outputs for the m frames of the batch."""
-    m = hidden.shape[0] // 3
-    plan = state.neighbours
-    keyframe_tokens = state.source_tokens[name]  # [K, L, C], normalised
-    keyframe_out = state.outputs[name]  # [3, K, L, C]
+def propagate(cache: KeyframeCache, name: str, hidden: torch.Tensor, branches: Branches, plan: Neighbours,
+              trace: dict | None = None) -> torch.Tensor:
+    """[3m, L, C] -> [3m, L, C]: matched, blended keyframe outputs for the m frames of the batch, by the
+    keyframes and weights of `plan`. With a `trace` dict, the matched indices [m, L] of keyframe a are
+    appended to trace[name]."""
+    branches.check(hidden)
+    m = branches.n
+    keyframe_tokens = cache.source_tokens[name]  # [K, L, C], normalised
+    keyframe_out = cache.outputs[name]  # [3, K, L, C]
     frames = normalise(hidden[:m])
     slot_a, slot_b = plan.slot_a.to(hidden.device), plan.slot_b.to(hidden.device)
     length = hidden.shape[1]
@@ -175,59 +233,79 @@ def propagate(state: TokenFlowState, name: str, hidden: torch.Tensor) -> torch.T
         index_b = _match(frames[rows], keyframe_tokens, slot_b[rows], None if given_b is None else given_b[rows])
         weight = plan.weight_a[blend].to(hidden.device, keyframe_out.dtype).view(1, -1, 1, 1)
         result[:, rows] = weight * result[:, rows] + (1 - weight) * _gather(keyframe_out, slot_b[rows], index_b)
-    if state.trace is not None:
-        state.trace.setdefault(name, []).append(index_a)
+    if trace is not None:
+        trace.setdefault(name, []).append(index_a)
     return result.reshape(3 * m, *hidden.shape[1:])
 
 
-class TokenFlowProcessor:
-    """Self-attention processor for one layer; behaviour set by the shared state's mode."""
+class FrameAttnProcessor:
+    """attn1, per frame in every branch: [3n, L, C] -> [3n, L, C]. On an injected layer, the edit
+    branches take the source branch's q/k when the call injects attention."""
 
-    def __init__(self, name: str, state: TokenFlowState, injected: bool):
-        self.name, self.state, self.injected = name, state, injected
-        self.plain = AttnProcessor2_0()
+    def __init__(self, context: ProcessorContext, injected: bool):
+        self.context, self.injected = context, injected
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        state = self.state
-        if hidden_states.ndim != 3 or hidden_states.shape[0] % 3:
-            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        inject = self.injected and state.inject_attention
-        if state.mode in {"plain", "keyframe"}:
-            state.attention_injections += int(inject)
-            out = self_attention(attn, hidden_states, inject, state.mode == "keyframe", state.query_slice)
-            if state.mode == "keyframe":
-                n = hidden_states.shape[0] // 3
-                state.source_tokens[self.name] = normalise(hidden_states[:n])
-                state.outputs[self.name] = out.view(3, n, *out.shape[1:])
-            return out
-        return propagate(state, self.name, hidden_states)
+        call = self.context.current(hidden_states)
+        inject = self.context.count("attention", self.injected and call.inject_attention)
+        return self_attention(attn, hidden_states, call.branches, inject, extended=False)
 
 
-def install(unet, state: TokenFlowState) -> tuple:
-    """Swap in TokenFlow processors on every attn1 and hook the PnP conv; `uninstall` undoes both."""
-    layers = find_layers(unet)
-    previous = dict(unet.attn_processors)
+class KeyframeAttnProcessor:
+    """attn1 of the keyframe pass, extended attention: [3K, L, C] -> [3K, L, C]. Caches the source
+    branch's input tokens and every branch's output for propagation; q/k injection as per frame.
+    `query_slice`: keyframes per extended-attention query slice (0: all at once)."""
+
+    def __init__(self, name: str, context: ProcessorContext, injected: bool, query_slice: int = 0):
+        self.name, self.context, self.injected, self.query_slice = name, context, injected, query_slice
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        call = self.context.current(hidden_states)
+        inject = self.context.count("attention", self.injected and call.inject_attention)
+        out = self_attention(attn, hidden_states, call.branches, inject, True, self.query_slice)
+        self.context.cache.store(self.name, hidden_states, out, call.branches)
+        return out
+
+
+class PropagationProcessor:
+    """attn1 of a propagation call, no attention: [3m, L, C] -> [3m, L, C], the matched, blended
+    keyframe outputs by the call's neighbours. With a `trace` dict, records the matches (tests)."""
+
+    def __init__(self, name: str, context: ProcessorContext, trace: dict | None = None):
+        self.name, self.context, self.trace = name, context, trace
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        call = self.context.current(hidden_states)
+        if call.neighbours is None:
+            raise RuntimeError("a propagation call needs its frames' neighbouring keyframes")
+        return propagate(self.context.cache, self.name, hidden_states, call.branches, call.neighbours, self.trace)
+
+
+def processor_dicts(unet, layers: UNetLayers, context: ProcessorContext, query_slice: int = 0,
+                    trace: dict | None = None) -> dict[str, dict]:
+    """One full processor dict per pass ("frame", "keyframe", "propagate") for `set_attn_processor`:
+    that pass's processor on every attn1, diffusers' AttnProcessor2_0 on every other attention."""
     injected = set(layers.injected_attention)
-    processors = {}
-    for name, processor in unet.attn_processors.items():
-        if name in layers.self_attention:
-            processors[name] = TokenFlowProcessor(name, state, name in injected)
-        else:
-            processors[name] = AttnProcessor2_0()
-    unet.set_attn_processor(processors)
+    makers: dict[str, Callable[[str], object]] = {
+        "frame": lambda name: FrameAttnProcessor(context, name in injected),
+        "keyframe": lambda name: KeyframeAttnProcessor(name, context, name in injected, query_slice),
+        "propagate": lambda name: PropagationProcessor(name, context, trace),
+    }
+    mine = set(layers.self_attention)
+    others = {name: AttnProcessor2_0() for name in unet.attn_processors if name not in mine}
+    return {kind: {**others, **{name: make(name) for name in layers.self_attention}} for kind, make in makers.items()}
 
-    def inject_conv(module, inputs, output):
-        if not state.inject_conv or output.shape[0] % 3:
+
+def conv_hook(context: ProcessorContext) -> Callable:
+    """A forward hook for the PnP conv: during a call that injects conv features, every branch's output
+    becomes the source branch's ([3n, C, H, W]); outside the editor's calls, the output is left alone."""
+
+    def hook(module, inputs, output):
+        call = context.call
+        if call is None or not call.inject_conv:
             return output
-        state.conv_injections += 1
-        n = output.shape[0] // 3
-        return torch.cat([output[:n]] * 3)
+        call.branches.check(output)
+        context.count("conv", True)
+        return torch.cat([output[call.branches.rows(0)]] * 3)
 
-    conv = unet.get_submodule(layers.injected_conv)
-    return conv.register_forward_hook(inject_conv), previous
-
-
-def uninstall(unet, installed) -> None:
-    handle, previous = installed
-    handle.remove()
-    unet.set_attn_processor(previous)
+    return hook

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from vfx.errors import BadInput
-from vfx.flow import to_grey
+from vfx.opticalflow import to_grey
 
-CONTROLS = ("canny",)
 # What a ControlNet must share with the UNet for its residuals to fit the UNet's skip connections.
 MATCHING_CONFIG = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types")
 
@@ -24,11 +23,6 @@ MATCHING_CONFIG = ("in_channels", "block_out_channels", "layers_per_block", "cro
 def canny(frame: np.ndarray, low: int, high: int) -> np.ndarray:
     """uint8 [H, W] edge map (0 or 255) of an RGB frame, OpenCV's Canny with hysteresis thresholds."""
     return cv2.Canny(to_grey(frame), low, high)
-
-
-def check_thresholds(low: int, high: int) -> None:
-    if not 0 <= low <= high:
-        raise BadInput(f"--canny-low {low} and --canny-high {high}: need 0 <= low <= high")
 
 
 def check_matches(controlnet, unet, location: str) -> None:

@@ -23,9 +23,8 @@ import cv2
 import numpy as np
 import torch
 
-from vfx.flow import out_of_frame, warp
+from vfx.opticalflow import out_of_frame, warp
 
-CORRESPONDENCES = ("features", "flow")
 # A token keeps its flow correspondence when at least this share of its pixels is reliable.
 MIN_RELIABLE = 0.5
 

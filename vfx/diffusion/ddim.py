@@ -26,9 +26,13 @@ class Schedule:
 
     @classmethod
     def from_pipeline(cls, pipe) -> "Schedule":
+        return cls.from_config(pipe.scheduler.config)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Schedule":
         from diffusers import DDIMScheduler
 
-        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        scheduler = DDIMScheduler.from_config(config)
         prediction = scheduler.config.prediction_type
         if prediction not in {"epsilon", "v_prediction", "sample"}:
             raise BadInput(f"unsupported prediction type {prediction!r} in the model's scheduler config")

@@ -13,7 +13,6 @@ import numpy as np
 
 from vfx.errors import BadInput
 
-METHODS = ("pnp", "sdedit")
 
 
 def start_index(timesteps: list[int], start: float, num_train_timesteps: int) -> int:

@@ -3,21 +3,25 @@
 Per step, every UNet call carries [source | uncond | cond]. A random keyframe is drawn in each
 window of `window` frames; the keyframes go through the UNet together with extended attention;
 every other frame then goes through the UNet with its self-attention replaced by the matched,
-blended keyframe outputs. Latents are read and written per chunk through callables, so memory
-does not grow with the number of frames beyond the keyframe cache.
+blended keyframe outputs. The editor alone drives the attention processors: it builds one processor
+dict per pass once, swaps them in per pass, and describes each UNet call (its branch layout, its
+injection switches, its propagation plan) to them. Latents are read and written per chunk through
+callables, so memory does not grow with the number of frames beyond the keyframe cache.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from vfx.diffusion.attention import Neighbours, TokenFlowState
+from vfx.diffusion.attention import (Branches, Call, Neighbours, ProcessorContext, conv_hook, find_layers,
+                                    processor_dicts)
 from vfx.diffusion.controlnet import ControlGuide
 from vfx.diffusion.correspondence import FlowCorrespondences
 from vfx.diffusion.ddim import Schedule
@@ -94,32 +98,90 @@ class StepIO:
 
 
 class TokenFlowEditor:
-    """One denoising step over a video. Optional: a ControlNet guide for the edit branches, and
-    correspondences from optical flow in place of feature matching."""
+    """One denoising step over a video, and the only thing that installs and drives the attention
+    processors. Optional: a ControlNet guide for the edit branches, correspondences from optical flow
+    in place of feature matching, `query_slice` keyframes per extended-attention query slice (0: all
+    at once), and a `trace` dict where propagation records its matched indices per layer (tests)."""
 
-    def __init__(self, unet, schedule: Schedule, state: TokenFlowState, embeddings: Embeddings, guidance: float,
-                 propagation: str, window: int, device: torch.device, frame_batch: int = 8,
-                 control: ControlGuide | None = None, correspondences: FlowCorrespondences | None = None):
-        self.unet, self.schedule, self.state = unet, schedule, state
+    def __init__(self, unet, schedule: Schedule, embeddings: Embeddings, guidance: float, propagation: str,
+                 window: int, device: torch.device, frame_batch: int = 8, control: ControlGuide | None = None,
+                 correspondences: FlowCorrespondences | None = None, query_slice: int = 0, trace: dict | None = None):
+        self.unet, self.schedule = unet, schedule
         self.embeddings, self.guidance = embeddings, guidance
         self.propagation, self.window = propagation, window
         self.device, self.frame_batch = device, frame_batch
         self.control, self.correspondences = control, correspondences
         self.unet_frames = 0  # frame-evaluations (one frame, one branch, one UNet call)
+        self.layers = find_layers(unet)
+        self._context = ProcessorContext()
+        self._processors = processor_dicts(unet, self.layers, self._context, query_slice, trace)  # built once
+        self._previous: dict | None = None  # the UNet's processors when `hooked` began
+        self._hook = None
+        self._installed: str | None = None  # the pass whose processors are on the UNet, None: the previous ones
 
-    def branches(self, source: torch.Tensor, latents: torch.Tensor, timestep: int,
-                 edges: np.ndarray | None = None) -> torch.Tensor:
-        """One UNet call on [source | uncond | cond]; returns the guided model output for `latents`.
-        With a ControlNet, `edges` (the frames' edge maps) condition the uncond and cond branches."""
+    @property
+    def injections(self) -> dict[str, int]:
+        """PnP injections so far: "attention" per injected layer and UNet call, "conv" per UNet call."""
+        return dict(self._context.injections)
+
+    @contextmanager
+    def hooked(self) -> Iterator["TokenFlowEditor"]:
+        """Hook the PnP conv for the duration; on exit, unhook and put back the processors the UNet had on
+        entry. Re-entrant: `step` and `plain_call` inside it hook nothing more."""
+        if self._hook is not None:
+            yield self
+            return
+        self._previous = dict(self.unet.attn_processors)
+        conv = self.unet.get_submodule(self.layers.injected_conv)
+        self._hook = conv.register_forward_hook(conv_hook(self._context))
+        try:
+            yield self
+        finally:
+            self._hook.remove()
+            self._hook = None
+            self._restore()
+            self._previous = None
+
+    def _install(self, kind: str) -> None:
+        """The processors of pass `kind` ("frame", "keyframe", "propagate") on the UNet, if not already."""
+        if self._installed != kind:
+            self.unet.set_attn_processor(dict(self._processors[kind]))  # it pops from the dict it is given
+            self._installed = kind
+
+    def _restore(self) -> None:
+        self.unet.set_attn_processor(dict(self._previous))
+        self._installed = None
+
+    def _branches(self, source: torch.Tensor, latents: torch.Tensor, timestep: int, edges: np.ndarray | None, *,
+                  inject_attention: bool, inject_conv: bool, neighbours: Neighbours | None = None) -> torch.Tensor:
+        """One UNet call on [source | uncond | cond], described to the processors as such; returns the guided
+        model output for `latents`. With a ControlNet, `edges` (the frames' edge maps) condition the uncond
+        and cond branches."""
         m = latents.shape[0]
+        if source.shape[0] != m:
+            raise ValueError(f"{source.shape[0]} source frames for {m} frames")
         e = self.embeddings
         x = torch.cat([source, latents, latents]).to(self.unet.dtype)
         context = torch.cat([e.source.expand(m, -1, -1), e.uncond.expand(m, -1, -1), e.cond.expand(m, -1, -1)])
         extra = self.control.residuals(x, timestep, context, edges) if self.control is not None else {}
-        out = self.unet(x, timestep, encoder_hidden_states=context, **extra).sample.float()
+        self._context.call = Call(Branches(m), inject_attention, inject_conv, neighbours)
+        try:
+            out = self.unet(x, timestep, encoder_hidden_states=context, **extra).sample.float()
+        finally:
+            self._context.call = None
         self.unet_frames += 3 * m
         _, uncond, cond = out.chunk(3)
         return uncond + self.guidance * (cond - uncond)
+
+    @torch.no_grad()
+    def plain_call(self, source: torch.Tensor, latents: torch.Tensor, timestep: int, edges: np.ndarray | None = None,
+                   *, inject_attention: bool = False, inject_conv: bool = False) -> torch.Tensor:
+        """The guided model output of one UNet call with per-frame attention in every branch (the naive
+        per-frame PnP baseline). Inside `hooked`, the per-frame processors stay on until it ends."""
+        with self.hooked():
+            self._install("frame")
+            return self._branches(source, latents, timestep, edges, inject_attention=inject_attention,
+                                  inject_conv=inject_conv)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, torch.float32)
@@ -149,39 +211,55 @@ class TokenFlowEditor:
 
     @torch.no_grad()
     def step(self, io: StepIO, frames: int, chunk: int, keyframes: list[int], timestep: int, prev: int | None,
-             on_phase: Callable[[str], None] = lambda text: None, chunks: Sequence[int] | None = None) -> None:
-        """One denoising step: the keyframe pass, then propagation over `chunks` (default: all)."""
-        state = self.state
-        state.clear()
-        on_phase("keyframes")
-        state.mode = "keyframe"
-        keyframe_latents = self._tensor(io.read_frames(keyframes))
-        keyframe_output = self.branches(self._tensor(io.read_source_frames(keyframes)), keyframe_latents, timestep,
-                                        self._edges(io, keyframes))
+             on_phase: Callable[[str], None] = lambda text: None, chunks: Sequence[int] | None = None, *,
+             inject_attention: bool = False, inject_conv: bool = False) -> None:
+        """One denoising step: the keyframe pass, then propagation over `chunks` (default: all). PnP injects
+        the source's q/k (`inject_attention`) and conv features (`inject_conv`) in this step or not."""
+        inject = {"inject_attention": inject_attention, "inject_conv": inject_conv}
+        cache = self._context.cache
+        with self.hooked():
+            cache.clear()
+            try:
+                on_phase("keyframes")
+                self._install("keyframe")
+                keyframe_output = self._keyframe_pass(io, keyframes, timestep, inject)
+                self._install("propagate")
+                ranges = chunk_ranges(frames, chunk)
+                chunks = range(len(ranges)) if chunks is None else chunks
+                for count, index in enumerate(chunks):
+                    on_phase(f"propagation {count + 1}/{len(chunks)}")
+                    self._propagate_chunk(io, ranges[index], keyframes, keyframe_output, timestep, prev, inject)
+            finally:
+                self._restore()
+                cache.clear()
+
+    def _keyframe_pass(self, io: StepIO, keyframes: list[int], timestep: int, inject: dict) -> torch.Tensor:
+        """The keyframes through the UNet with extended attention (filling the keyframe cache)."""
+        latents = self._tensor(io.read_frames(keyframes))
+        source = self._tensor(io.read_source_frames(keyframes))
+        return self._branches(source, latents, timestep, self._edges(io, keyframes), **inject)
+
+    def _propagate_chunk(self, io: StepIO, frame_range: tuple[int, int], keyframes: list[int],
+                         keyframe_output: torch.Tensor, timestep: int, prev: int | None, inject: dict) -> None:
+        """Frames [start, end) through the UNet with propagated self-attention, `frame_batch` at a time,
+        then denoised and written; with distance propagation a keyframe reuses its own output."""
+        start, end = frame_range
         reuse = self.propagation == "distance"  # a keyframe's propagated output is its own
         slot_of = {frame: slot for slot, frame in enumerate(keyframes)}
-        state.mode = "propagate"
-        ranges = chunk_ranges(frames, chunk)
-        chunks = range(len(ranges)) if chunks is None else chunks
-        for count, index in enumerate(chunks):
-            start, end = ranges[index]
-            on_phase(f"propagation {count + 1}/{len(chunks)}")
-            latents = self._tensor(io.read(start, end))
-            source = self._tensor(io.read_source(start, end))
-            output = torch.empty_like(latents)
-            todo = [f for f in range(start, end) if not (reuse and f in slot_of)]
-            for f in range(start, end):
-                if reuse and f in slot_of:
-                    output[f - start] = keyframe_output[slot_of[f]]
-            edges = self._edges(io, list(range(start, end)))
-            maps = self._flow_maps(todo, keyframes)
-            for sub in range(0, len(todo), self.frame_batch):
-                batch = todo[sub : sub + self.frame_batch]
-                rows = [f - start for f in batch]
-                state.neighbours = self._with_flow(self._neighbours(batch, keyframes), batch, keyframes, maps)
-                output[rows] = self.branches(source[rows], latents[rows], timestep,
-                                             edges[rows] if edges is not None else None)
-            result = self.schedule.denoise_step(output, latents, timestep, prev)
-            io.write(start, end, result.cpu().numpy())
-        state.mode = "plain"
-        state.clear()
+        latents = self._tensor(io.read(start, end))
+        source = self._tensor(io.read_source(start, end))
+        output = torch.empty_like(latents)
+        todo = [f for f in range(start, end) if not (reuse and f in slot_of)]
+        for f in range(start, end):
+            if reuse and f in slot_of:
+                output[f - start] = keyframe_output[slot_of[f]]
+        edges = self._edges(io, list(range(start, end)))
+        maps = self._flow_maps(todo, keyframes)
+        for sub in range(0, len(todo), self.frame_batch):
+            batch = todo[sub : sub + self.frame_batch]
+            rows = [f - start for f in batch]
+            plan = self._with_flow(self._neighbours(batch, keyframes), batch, keyframes, maps)
+            output[rows] = self._branches(source[rows], latents[rows], timestep,
+                                          edges[rows] if edges is not None else None, neighbours=plan, **inject)
+        result = self.schedule.denoise_step(output, latents, timestep, prev)
+        io.write(start, end, result.cpu().numpy())

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vfx.errors import BadInput
-from vfx.fsutil import atomic_write_json, read_json
+from vfx.fsutil import atomic_write_json, read_json, replace_path
 
 STATE = "state.json"
 TRAINABLE = "trainable.safetensors"
@@ -162,10 +162,7 @@ def save(
 def publish(root: Path, step: int) -> Path:
     """Rename the partial folder into place (main process, after every process saved its share)."""
     final = step_dir(root, step)
-    partial = Path(root) / f".{final.name}.partial"
-    if final.exists():
-        shutil.rmtree(final)
-    partial.rename(final)
+    replace_path(Path(root) / f".{final.name}.partial", final)
     return final
 
 

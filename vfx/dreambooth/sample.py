@@ -6,20 +6,21 @@ noise. Units of work are fixed groups of `batch_size` images, so shards never ch
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from vfx import log
 from vfx.errors import BadInput
 from vfx.fsutil import atomic_write_json, read_json
 from vfx.models import resolve_model
+from vfx.diffusion.lora import apply_lora, lora_file, lora_identity
+from vfx.driver import Stage, drive
+from vfx.settings import Settings
 from vfx.stage import Part, StageRun
-from vfx.stages.common import Settings, outcome, run_units, up_to_date_result
 from vfx.dreambooth.data import check_prompt, run_folder
 from vfx.dreambooth.images import generate, grid, native_resolution, write_png
 from vfx.store import chunk_ranges
 from vfx.dreambooth.tokens import load_tokenizer
-from vfx.dreambooth.weights import INFO_FILE, apply_lora, lora_file, lora_identity, trained_weights
+from vfx.dreambooth.weights import INFO_FILE, trained_weights
 
 MANIFEST = "manifest.json"
 GRID = "grid.png"
@@ -50,10 +51,8 @@ def choose_model(settings: Settings, run_dir: Path, name: str, base: bool, lora:
         return model, None, {}, info.get("resolution"), run_dir / "samples-base"
     if lora is not None:
         return settings.model, lora_file(lora), {}, None, run_dir / "samples"
-    root = shlex.quote(str(settings.project.root))
-    weights = trained_weights(run_dir, f"vfx train {root} --name {name} --instance-dir PHOTOS --instance-prompt '...'")
-    rel = str(weights.folder.relative_to(settings.project.root))
-    inputs = {rel: weights.fingerprint}
+    weights = trained_weights(settings.project, name)
+    inputs = weights.input()
     size = (read_json(weights.folder / INFO_FILE) or {}).get("resolution")
     if weights.mode == "full":
         return resolve_model(str(weights.folder)), None, inputs, size, run_dir / "samples"
@@ -62,6 +61,86 @@ def choose_model(settings: Settings, run_dir: Path, name: str, base: bool, lora:
         raise BadInput(f"the base model {weights.base_spec} changed since this LoRA was trained "
                        f"(identity {ref.identity}, trained on {weights.base_identity})")
     return ref, weights.lora, inputs, size, run_dir / "samples"
+
+
+class Sample(Stage):
+    label = "sample"
+
+    def __init__(self, settings: Settings, name: str, prompts: list[str], num_images: int, steps: int,
+                 guidance: float, seed: int | None, batch_size: int, negative_prompt: str, size: int | None,
+                 base: bool, lora: Path | None, lora_scale: float, model_given: bool):
+        if not prompts:
+            raise BadInput("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+        if num_images < 1 or batch_size < 1 or steps < 1:
+            raise BadInput("--num-images, --batch-size and --steps must be at least 1")
+        if size is not None and (size < 8 or size % 8):
+            raise BadInput(f"invalid --size {size}: must be a positive multiple of 8")
+        if base and lora is not None:
+            raise BadInput("--base and --lora cannot be combined")
+        run_dir = run_folder(settings.project, name)
+        model, self.lora_path, inputs, trained_size, self.folder = choose_model(settings, run_dir, name, base, lora,
+                                                                                model_given)
+        self.model, self.lora_scale, self.prompts, self.num_images = model, lora_scale, prompts, num_images
+        self.use = Settings(settings.project, model, settings.device, settings.dtype, settings.shard, settings.force)
+        tokenizer = load_tokenizer(self.use)
+        for prompt in prompts:
+            check_prompt(tokenizer, prompt, f"prompt {prompt[:40]!r}")
+        self.side = size or trained_size or native_resolution(self.use)
+        self.seed = int(settings.project.get("seed", seed))
+        self.ranges = chunk_ranges(len(prompts) * num_images, batch_size)
+        self.params = {
+            "prompts": prompts, "num_images": num_images, "steps": steps, "guidance": guidance, "seed": self.seed,
+            "batch_size": batch_size, "negative_prompt": negative_prompt, "size": self.side, "model": model.identity,
+            "lora": lora_identity(self.lora_path) if self.lora_path else None,
+            "lora_scale": lora_scale if self.lora_path else None, "dtype": settings.dtype_name,
+        }
+        self.run = StageRun(self.folder, "sample", self.params, inputs, len(self.ranges), force=settings.force,
+                            shard=settings.shard)
+
+    def prepare(self) -> None:
+        self.pipe = self.use.pipeline()
+        if self.lora_path is not None:
+            apply_lora(self.pipe, self.lora_path, self.lora_scale)
+            log.info(f"sample: LoRA {self.lora_path} at scale {self.lora_scale}")
+
+    def create(self) -> None:
+        for stale in list(self.folder.glob("*.png")) + [self.folder / MANIFEST]:
+            stale.unlink(missing_ok=True)
+
+    def cells(self, unit: int) -> list[tuple[int, int]]:
+        """(prompt index, image index) of each image of `unit`."""
+        return [divmod(i, self.num_images) for i in range(*self.ranges[unit])]
+
+    def do_unit(self, unit: int, bar) -> None:
+        p, cells = self.params, self.cells(unit)
+        images = generate(self.pipe, [self.prompts[i] for i, _ in cells], [self.seed + j for _, j in cells],
+                          steps=p["steps"], guidance=p["guidance"], width=self.side, height=self.side,
+                          negative_prompt=p["negative_prompt"])
+        for (i, j), image in zip(cells, images):
+            write_png(self.folder / image_name(i, j), image,
+                      {"prompt": self.prompts[i], "seed": self.seed + j, "model": self.model.identity})
+
+    def parts(self, unit: int) -> list[Part]:
+        return [Part(image_name(*cell)) for cell in self.cells(unit)]
+
+    def finalize(self) -> dict:
+        from vfx.media import read_image
+
+        p, count = self.params, len(self.prompts) * self.num_images
+        entries = [{"file": image_name(i, j), "prompt": self.prompts[i], "prompt_index": i, "image_index": j,
+                    "seed": self.seed + j} for i in range(len(self.prompts)) for j in range(self.num_images)]
+        sheet = grid([read_image(self.folder / e["file"]) for e in entries], self.num_images)
+        write_png(self.folder / GRID, sheet)
+        lora = str(self.lora_path) if self.lora_path else None
+        atomic_write_json(self.folder / MANIFEST, {
+            "model": self.model.spec, "model_identity": self.model.identity, "lora": lora,
+            "lora_scale": self.lora_scale, "steps": p["steps"], "guidance": p["guidance"], "size": self.side,
+            "images": entries})
+        return {"images": count, "grid": GRID}
+
+    def report(self, summary: dict) -> dict:
+        return {"images": len(self.prompts) * self.num_images, "model": self.model.spec,
+                "lora": str(self.lora_path) if self.lora_path else None, "grid": str(self.folder / GRID)}
 
 
 def sample(
@@ -81,73 +160,5 @@ def sample(
     lora_scale: float = 1.0,
     model_given: bool = False,
 ) -> dict:
-    if not prompts:
-        raise BadInput("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
-    if num_images < 1 or batch_size < 1 or steps < 1:
-        raise BadInput("--num-images, --batch-size and --steps must be at least 1")
-    if size is not None and (size < 8 or size % 8):
-        raise BadInput(f"invalid --size {size}: must be a positive multiple of 8")
-    if base and lora is not None:
-        raise BadInput("--base and --lora cannot be combined")
-    run_dir = run_folder(settings.project, name)
-    model, lora_path, inputs, trained_size, folder = choose_model(settings, run_dir, name, base, lora, model_given)
-    use = Settings(settings.project, model, settings.device, settings.dtype, settings.shard, settings.force)
-    tokenizer = load_tokenizer(use)
-    for prompt in prompts:
-        check_prompt(tokenizer, prompt, f"prompt {prompt[:40]!r}")
-    side = size or trained_size or native_resolution(use)
-    seed = int(settings.project.get("seed", seed))
-    count = len(prompts) * num_images
-    ranges = chunk_ranges(count, batch_size)
-    params = {
-        "prompts": prompts, "num_images": num_images, "steps": steps, "guidance": guidance, "seed": seed,
-        "batch_size": batch_size, "negative_prompt": negative_prompt, "size": side, "model": model.identity,
-        "lora": lora_identity(lora_path) if lora_path else None, "lora_scale": lora_scale if lora_path else None,
-        "dtype": settings.dtype_name,
-    }
-    run = StageRun(folder, "sample", params, inputs, len(ranges), force=settings.force, shard=settings.shard)
-    extra = {"images": count, "model": model.spec, "lora": str(lora_path) if lora_path else None,
-             "grid": str(folder / GRID)}
-    if run.up_to_date() and not settings.force:
-        return up_to_date_result(run, extra)
-
-    def create() -> None:
-        for stale in list(folder.glob("*.png")) + [folder / MANIFEST]:
-            stale.unlink(missing_ok=True)
-
-    pending = run.start(create)
-
-    def load() -> None:
-        pipe = use.pipeline()
-        if lora_path is not None:
-            apply_lora(pipe, lora_path, lora_scale)
-            log.info(f"sample: LoRA {lora_path} at scale {lora_scale}")
-
-    def work(unit: int, bar):
-        start, end = ranges[unit]
-        cells = [divmod(i, num_images) for i in range(start, end)]
-        images = generate(use.pipeline(), [prompts[p] for p, _ in cells], [seed + j for _, j in cells], steps=steps,
-                          guidance=guidance, width=side, height=side, negative_prompt=negative_prompt)
-        for (p, j), image in zip(cells, images):
-            write_png(folder / image_name(p, j), image, {"prompt": prompts[p], "seed": seed + j, "model": model.identity})
-        return [images]
-
-    def parts(unit: int) -> list[Part]:
-        return [Part(image_name(*divmod(i, num_images))) for i in range(*ranges[unit])]
-
-    computed = run_units(run, pending, work, "sample", on_start=load, parts=parts)
-
-    def finalize() -> dict:
-        from vfx.media import read_image
-
-        entries = [{"file": image_name(p, j), "prompt": prompts[p], "prompt_index": p, "image_index": j,
-                    "seed": seed + j} for p in range(len(prompts)) for j in range(num_images)]
-        sheet = grid([read_image(folder / e["file"]) for e in entries], num_images)
-        write_png(folder / GRID, sheet)
-        atomic_write_json(folder / MANIFEST, {"model": model.spec, "model_identity": model.identity,
-                                              "lora": str(lora_path) if lora_path else None, "lora_scale": lora_scale,
-                                              "steps": steps, "guidance": guidance, "size": side, "images": entries})
-        return {"images": count, "grid": GRID}
-
-    return outcome(run, run.finish(finalize), computed, extra)
-
+    return drive(Sample(settings, name, prompts, num_images, steps, guidance, seed, batch_size, negative_prompt,
+                        size, base, lora, lora_scale, model_given))

@@ -23,15 +23,16 @@ from vfx import log
 from vfx.errors import BadInput, MissingStage
 from vfx.media import read_image
 from vfx.models import load_pipeline
-from vfx.stage import StageFolder, StageRun
-from vfx.stages.common import Settings, up_to_date_result
+from vfx.driver import SingleUnitStage, drive
+from vfx.settings import Settings
+from vfx.stage import StageRun, upstream
 from vfx.dreambooth import checkpoint
 from vfx.dreambooth.config import PRECISIONS, TrainConfig
 from vfx.dreambooth.data import (
     ExampleOrder, ImageSet, check_prompt, files_identity, identifier_problem, list_images, read_images, run_folder,
 )
 from vfx.dreambooth.encoding import Conditioning, Latents
-from vfx.dreambooth.evaluate import METRICS, Metrics, eval_loss, eval_set, validate
+from vfx.dreambooth.tracking import METRICS, Metrics, eval_loss, eval_set, validate
 from vfx.dreambooth.images import native_resolution
 from vfx.dreambooth.objective import dreambooth_loss, draw_noise, draw_timesteps, prediction_target, snr_weights
 from vfx.dreambooth.regularize import FOLDER as CLASS_FOLDER, class_images
@@ -63,7 +64,7 @@ def find_prior(settings: Settings, cfg: TrainConfig, run_dir: Path) -> Prior | N
     if cfg.class_dir:
         if not cfg.class_prompt:
             raise BadInput("--class-dir needs --class-prompt: the prompt its images show (e.g. 'a photo of a dog')")
-        files = check_images(list_images(cfg.class_dir, "class"))
+        files = list_images(cfg.class_dir, "class")
         return Prior(cfg.class_prompt, files, {"class_images": files_identity(files)}, {})
     folder = run_dir / CLASS_FOLDER
     manifest = class_images(folder)
@@ -81,10 +82,9 @@ def find_prior(settings: Settings, cfg: TrainConfig, run_dir: Path) -> Prior | N
     if manifest["model"] != settings.model.identity:
         raise BadInput(f"the class images in {folder} were made by another model ({manifest.get('model_spec')}); "
                        f"run `{command}` first")
-    files = check_images([folder / image["file"] for image in manifest["images"]])
-    fingerprint = (StageFolder(folder).record() or {}).get("fingerprint")
-    rel = str(folder.relative_to(settings.project.root))
-    return Prior(manifest["prompt"], files, {}, {rel: fingerprint})
+    files = [folder / image["file"] for image in manifest["images"]]
+    made = upstream(settings.project, "regularize", "manifest.json", cfg.name)
+    return Prior(manifest["prompt"], files, {}, made.input())
 
 
 def check_images(files: list[Path]) -> list[Path]:
@@ -173,230 +173,282 @@ def enable_text_checkpointing(text_encoder) -> None:
 # ---------------------------------------------------------------- the run
 
 
-def train(settings: Settings, cfg: TrainConfig) -> dict:
-    run_dir = run_folder(settings.project, cfg.name)
-    cfg = cfg.resolved(native_resolution(settings), settings.project.get("seed"), settings.device)
+class Train(SingleUnitStage):
+    """The training run as a stage: one unit, whose weights are built aside and swapped in when complete."""
 
-    # Read and check every input before anything is written.
-    instance_files = list_images(cfg.instance_dir, "instance")
-    instance_arrays = read_images(instance_files)
-    prior = find_prior(settings, cfg, run_dir)
-    if prior is None:
-        cfg = replace(cfg, class_prompt=None, prior_loss_weight=0.0)
-    else:
-        cfg = replace(cfg, class_prompt=prior.prompt)
-    params = {**cfg.weight_params(), "model": settings.model.identity,
-              "instance_images": files_identity(instance_files), **(prior.params if prior else {})}
-    run = StageRun(run_dir / "weights", "train", params, prior.inputs if prior else {}, 1, force=settings.force)
-    if run.up_to_date() and not settings.force:
-        return up_to_date_result(run, {"weights": str(run.path)})
+    label = "train"
 
-    ckpt_root = run_dir / "checkpoints"
-    resume_from = None
-    if cfg.resume and settings.force:
-        raise BadInput("--force starts over and --resume continues a run; pass one of them")
-    if cfg.resume:
-        resume_from = checkpoint.find_checkpoint(ckpt_root, cfg.resume)
-    elif checkpoint.list_checkpoints(ckpt_root) and not settings.force:
-        step, latest = checkpoint.list_checkpoints(ckpt_root)[-1]
-        if checkpoint.read_state(latest).get("fingerprint") != run.fingerprint:
-            raise BadInput(f"{ckpt_root} holds checkpoints of a training with other options (latest: step {step}); "
+    def __init__(self, settings: Settings, cfg: TrainConfig):
+        self.settings = settings
+        self.run_dir = run_folder(settings.project, cfg.name)
+        cfg = cfg.resolved(native_resolution(settings), settings.project.get("seed"), settings.device)
+        if cfg.resume and settings.force:
+            raise BadInput("--force starts over and --resume continues a run; pass one of them")
+        self.instance_files = list_images(cfg.instance_dir, "instance")
+        self.prior = prior = find_prior(settings, cfg, self.run_dir)
+        self.cfg = replace(cfg, class_prompt=None, prior_loss_weight=0.0) if prior is None else replace(
+            cfg, class_prompt=prior.prompt)
+        params = {**self.cfg.weight_params(), "model": settings.model.identity,
+                  "instance_images": files_identity(self.instance_files), **(prior.params if prior else {})}
+        self.run = StageRun(self.run_dir / "weights", "train", params, prior.inputs if prior else {}, 1,
+                            force=settings.force)
+        self.ckpt_root = self.run_dir / "checkpoints"
+
+    def prepare(self) -> None:
+        """Read and check every input, decide where to resume, and set the training up."""
+        instance_arrays = read_images(self.instance_files)
+        if self.prior:
+            check_images(self.prior.files)
+        resume_from = self.resume_point()
+        self.trainer = Trainer(self.settings, self.cfg, self.run, self.prior, instance_arrays, resume_from)
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint to continue from: the one asked for, or the latest one of the same options."""
+        cfg, root = self.cfg, self.ckpt_root
+        if cfg.resume:
+            return checkpoint.find_checkpoint(root, cfg.resume)
+        found = checkpoint.list_checkpoints(root)
+        if not found or self.settings.force:
+            return None
+        step, latest = found[-1]
+        if checkpoint.read_state(latest).get("fingerprint") != self.run.fingerprint:
+            raise BadInput(f"{root} holds checkpoints of a training with other options (latest: step {step}); "
                            "pass --resume latest to continue it with these options, or --force to start over")
-        resume_from = latest
         log.note(f"resuming from {latest.name} (same options); pass --force to start over")
-    resume_state = checkpoint.read_state(resume_from) if resume_from else None
+        return latest
 
-    accelerator = make_accelerator(cfg, settings.device)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if not accelerator.is_main_process:
-        log.set_quiet(True)  # one progress bar and one set of notes, from the main process
-    if resume_state:
-        check_resumable(resume_state, settings, cfg, run.fingerprint, world)
-    weight_dtype = PRECISIONS[cfg.mixed_precision]
-    seed_everything(cfg.seed)  # before LoRA layers are made: their initialisation is random
-    pipe = load_pipeline(settings.model, accelerator.device, torch.float32)
-    tokenizer = pipe.tokenizer
-    check_prompt(tokenizer, cfg.instance_prompt, "the instance prompt")
-    if prior:
-        check_prompt(tokenizer, prior.prompt, "the class prompt")
-    if cfg.validation_prompt:
-        check_prompt(tokenizer, cfg.validation_prompt, "the validation prompt")
-    problem = identifier_problem(tokenizer, cfg.instance_prompt, cfg.class_prompt, cfg.identifier)
-    if problem and accelerator.is_main_process:
-        log.warn(problem)
+    def build(self, scratch: Path) -> dict | None:
+        trainer = self.trainer
+        trainer.loop()
+        if trainer.step < self.cfg.max_steps:
+            return None
+        if trainer.main:
+            write_weights(scratch, trainer, self.cfg, self.settings)
+        return {"steps": trainer.step, "mode": self.cfg.mode, "last": trainer.last}
 
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
+    def complete(self, summary: dict, started: float, swap_in) -> None:
+        if self.trainer.main:
+            super().complete(summary, self.trainer.started, swap_in)
+        self.trainer.accelerator.wait_for_everyone()
 
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    num_timesteps = int(noise_scheduler.config.num_train_timesteps)
-    trained = set_trainable(pipe, cfg, weight_dtype)
-    unet, text_encoder = pipe.unet, pipe.text_encoder
-    unet_params = [p for n, p in trained.items() if n.startswith("unet.")]
-    text_params = [p for n, p in trained.items() if n.startswith("text_encoder.")]
-    groups = [{"params": unet_params, "lr": cfg.learning_rate}]
-    if text_params:
-        groups.append({"params": text_params, "lr": cfg.text_encoder_lr})
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    # Stepped once per optimizer step, in every process alike (not through accelerate's wrapper,
-    # which would step it once per process).
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_steps)
-    if cfg.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-        text_encoder.eval()
+    def partial_report(self) -> dict:
+        return self.trainer.report()
 
-    # Data: latents and text embeddings cached wherever they cannot change.
-    instances = Latents(ImageSet.from_arrays(instance_arrays, cfg.resolution, cfg.random_crop, cfg.flip), pipe.vae)
-    classes = Latents.from_files(prior.files, cfg.resolution, pipe.vae) if prior else None
-    prompts = [cfg.instance_prompt] + ([prior.prompt] if prior else [])
-    conditioning = Conditioning(text_encoder, tokenizer, prompts, cfg.train_text_encoder)
-    instance_order = ExampleOrder(len(instance_arrays), cfg.seed, 0)
-    class_order = ExampleOrder(len(prior.files), cfg.seed, 1) if prior else None
-    generator = torch.Generator().manual_seed(cfg.seed + rank)
-    fixed_eval = eval_set(instances, cfg.eval_pairs, cfg.seed, num_timesteps) if cfg.eval_pairs else None
+    def report(self, summary: dict) -> dict:
+        extra = self.trainer.report() if hasattr(self, "trainer") else {}
+        return {**extra, "weights": str(self.run.path)}
 
-    step = 0
-    if resume_from:
-        state = checkpoint.load(resume_from, rank=rank, parameters=trained, optimizer=optimizer,
-                                lr_scheduler=lr_scheduler, scaler=accelerator.scaler, generator=generator)
-        step = int(state["step"])
-        instance_order.load_state_dict(state["data_order"]["instance"])
-        if class_order and state["data_order"].get("class"):
-            class_order.load_state_dict(state["data_order"]["class"])
-        log.info(f"train: resumed from {resume_from} at step {step}")
-    elif accelerator.is_main_process:
-        # A fresh start (--force, or nothing there): earlier checkpoints and validation images are void.
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-        shutil.rmtree(run_dir / "validation", ignore_errors=True)
-    accelerator.wait_for_everyone()
 
-    main = accelerator.is_main_process
-    metrics = Metrics(run_dir / METRICS, main, step if resume_from else None)
-    raw_unet = accelerator.unwrap_model(unet)
-    raw_text = accelerator.unwrap_model(text_encoder)
+class Trainer:
+    """The training loop and everything it steps: model, optimizer, data, checkpoints, metrics."""
 
-    def evaluate() -> None:
-        if fixed_eval is not None and main:
-            value = eval_loss(raw_unet, conditioning, raw_text, noise_scheduler, fixed_eval, accelerator.autocast)
-            metrics.write({"step": step, "eval_instance_loss": value})
+    def __init__(self, settings: Settings, cfg: TrainConfig, run: StageRun, prior: Prior | None,
+                 instance_arrays: list[np.ndarray], resume_from: Path | None):
+        self.settings, self.cfg, self.run, self.prior = settings, cfg, run, prior
+        self.run_dir, self.resume_from = run.path.parent, resume_from
+        self.ckpt_root = self.run_dir / "checkpoints"
+        resume_state = checkpoint.read_state(resume_from) if resume_from else None
+        self.accelerator = make_accelerator(cfg, settings.device)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.main = self.accelerator.is_main_process
+        if not self.main:
+            log.set_quiet(True)  # one progress bar and one set of notes, from the main process
+        if resume_state:
+            check_resumable(resume_state, settings, cfg, run.fingerprint, self.world)
+        self.set_up_model()
+        self.set_up_optimizer()
+        self.set_up_data(instance_arrays)
+        self.step = self.restore() if resume_from else self.start_fresh()
+        self.metrics = Metrics(self.run_dir / METRICS, self.main, self.step if resume_from else None)
+        self.raw_unet = self.accelerator.unwrap_model(self.unet)
+        self.raw_text = self.accelerator.unwrap_model(self.text_encoder)
+        self.last: dict = {}
+        self.steps_here = 0
+        self.started = time.time()
 
-    def save_checkpoint() -> Path:
-        meta = {
-            "fingerprint": run.fingerprint, "base_model": settings.model.identity,
-            "base_model_spec": settings.model.spec, "config": cfg.weight_params(), "world_size": world,
-            "data_order": {"instance": instance_order.state_dict(),
-                           "class": class_order.state_dict() if class_order else None},
+    def set_up_model(self) -> None:
+        cfg, prior = self.cfg, self.prior
+        seed_everything(cfg.seed)  # before LoRA layers are made: their initialisation is random
+        self.pipe = pipe = load_pipeline(self.settings.model, self.accelerator.device, torch.float32)
+        check_prompt(pipe.tokenizer, cfg.instance_prompt, "the instance prompt")
+        if prior:
+            check_prompt(pipe.tokenizer, prior.prompt, "the class prompt")
+        if cfg.validation_prompt:
+            check_prompt(pipe.tokenizer, cfg.validation_prompt, "the validation prompt")
+        problem = identifier_problem(pipe.tokenizer, cfg.instance_prompt, cfg.class_prompt, cfg.identifier)
+        if problem and self.main:
+            log.warn(problem)
+
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.num_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
+        self.trained = set_trainable(pipe, cfg, PRECISIONS[cfg.mixed_precision])
+
+    def set_up_optimizer(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        cfg, pipe = self.cfg, self.pipe
+        unet_params = [p for n, p in self.trained.items() if n.startswith("unet.")]
+        text_params = [p for n, p in self.trained.items() if n.startswith("text_encoder.")]
+        groups = [{"params": unet_params, "lr": cfg.learning_rate}]
+        if text_params:
+            groups.append({"params": text_params, "lr": cfg.text_encoder_lr})
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        # Stepped once per optimizer step, in every process alike (not through accelerate's wrapper,
+        # which would step it once per process).
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                          num_training_steps=cfg.max_steps)
+        if cfg.train_text_encoder:
+            self.unet, self.text_encoder, self.optimizer = self.accelerator.prepare(pipe.unet, pipe.text_encoder,
+                                                                                    optimizer)
+        else:
+            self.unet, self.optimizer = self.accelerator.prepare(pipe.unet, optimizer)
+            self.text_encoder = pipe.text_encoder
+            self.text_encoder.eval()
+
+    def set_up_data(self, instance_arrays: list[np.ndarray]) -> None:
+        """Latents and text embeddings cached wherever they cannot change; the example orders."""
+        cfg, prior, pipe = self.cfg, self.prior, self.pipe
+        self.instances = Latents(ImageSet.from_arrays(instance_arrays, cfg.resolution, cfg.random_crop, cfg.flip),
+                                 pipe.vae)
+        self.classes = Latents.from_files(prior.files, cfg.resolution, pipe.vae) if prior else None
+        prompts = [cfg.instance_prompt] + ([prior.prompt] if prior else [])
+        self.conditioning = Conditioning(self.text_encoder, pipe.tokenizer, prompts, cfg.train_text_encoder)
+        self.instance_order = ExampleOrder(len(instance_arrays), cfg.seed, 0)
+        self.class_order = ExampleOrder(len(prior.files), cfg.seed, 1) if prior else None
+        self.generator = torch.Generator().manual_seed(cfg.seed + self.rank)
+        self.fixed_eval = eval_set(self.instances, cfg.eval_pairs, cfg.seed, self.num_timesteps) \
+            if cfg.eval_pairs else None
+
+    def restore(self) -> int:
+        state = checkpoint.load(self.resume_from, rank=self.rank, parameters=self.trained, optimizer=self.optimizer,
+                                lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler,
+                                generator=self.generator)
+        self.instance_order.load_state_dict(state["data_order"]["instance"])
+        if self.class_order and state["data_order"].get("class"):
+            self.class_order.load_state_dict(state["data_order"]["class"])
+        log.info(f"train: resumed from {self.resume_from} at step {int(state['step'])}")
+        return int(state["step"])
+
+    def start_fresh(self) -> int:
+        """A fresh start (--force, or nothing there): earlier checkpoints and validation images are void."""
+        if self.main:
+            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+            shutil.rmtree(self.run_dir / "validation", ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return 0
+
+    def evaluate(self) -> None:
+        if self.fixed_eval is not None and self.main:
+            value = eval_loss(self.raw_unet, self.conditioning, self.raw_text, self.noise_scheduler, self.fixed_eval,
+                              self.accelerator.autocast)
+            self.metrics.write({"step": self.step, "eval_instance_loss": value})
+
+    def save_checkpoint(self) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        orders = {"instance": self.instance_order.state_dict(),
+                  "class": self.class_order.state_dict() if self.class_order else None}
+        meta = {"fingerprint": self.run.fingerprint, "base_model": self.settings.model.identity,
+                "base_model_spec": self.settings.model.spec, "config": cfg.weight_params(),
+                "world_size": self.world, "data_order": orders}
+        checkpoint.save(self.ckpt_root, self.step, rank=self.rank, is_main=self.main, trainable=dict(self.trained),
+                        optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=accelerator.scaler,
+                        generator=self.generator, meta=meta)
+        accelerator.wait_for_everyone()
+        if self.main:
+            checkpoint.publish(self.ckpt_root, self.step)
+            checkpoint.prune(self.ckpt_root, cfg.keep)
+        accelerator.wait_for_everyone()
+
+    def loop(self) -> None:
+        """Train to --max-steps (or --stop-after steps more), checkpointing and validating on schedule."""
+        cfg = self.cfg
+        if not self.resume_from:
+            self.evaluate()
+        self.unet.train()
+        if cfg.train_text_encoder:
+            self.text_encoder.train()
+        budget = cfg.max_steps - self.step if cfg.stop_after is None else min(cfg.max_steps - self.step,
+                                                                              cfg.stop_after)
+        with log.progress("train", budget, "steps") as bar:
+            while self.step < cfg.max_steps and self.steps_here < budget:
+                self.last = self.train_step()
+                self.metrics.write(self.last)
+                bar.advance()
+                bar.phase(f"loss {self.last['loss']:.4f}")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or self.steps_here == budget:
+                    self.save_checkpoint()
+                    self.evaluate()
+                if cfg.validation_prompt and self.main and (self.step % cfg.validation_every == 0
+                                                            or self.step == cfg.max_steps):
+                    validate(self.pipe, self.raw_unet, self.raw_text, cfg, self.step, self.run_dir / "validation",
+                             self.accelerator)
+        self.metrics.close()
+
+    def train_step(self) -> dict:
+        """One optimizer step on MSE(instance) + λ·MSE(class); returns the step's metrics line."""
+        cfg, accelerator, generator = self.cfg, self.accelerator, self.generator
+        began = time.perf_counter()
+        # The global batch is drawn in every process alike; each process takes its own slice.
+        n_inst = cfg.batch_size
+        mine = slice(self.rank * n_inst, (self.rank + 1) * n_inst)
+        inst_idx = self.instance_order.take(n_inst * self.world)[mine]
+        cls_idx = self.class_order.take(n_inst * self.world)[mine] if self.class_order else []
+        latents = self.instances.sample(inst_idx, generator)
+        if self.classes is not None:
+            latents = torch.cat([latents, self.classes.sample(cls_idx, generator)])
+        noise = draw_noise(tuple(latents.shape), generator, cfg.offset_noise).to(latents.device)
+        timesteps = draw_timesteps(len(latents), self.num_timesteps, generator).to(latents.device)
+
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        cond = self.conditioning.batch([len(inst_idx), len(cls_idx)], self.text_encoder)
+        pred = self.unet(noisy, timesteps, cond).sample
+        target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
+        weights = snr_weights(self.noise_scheduler, timesteps, cfg.snr_gamma) if cfg.snr_gamma else None
+        loss, inst_loss, prior_loss = dreambooth_loss(pred, target, len(inst_idx), cfg.prior_loss_weight, weights)
+
+        accelerator.backward(loss)
+        if cfg.max_grad_norm > 0 and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(list(self.trained.values()), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.steps_here += 1
+
+        mean = lambda value: float(accelerator.reduce(value.detach(), "mean"))  # noqa: E731
+        lrs = self.lr_scheduler.get_last_lr()
+        return {
+            "step": self.step, "epoch": self.instance_order.epoch, "loss": mean(loss),
+            "instance_loss": mean(inst_loss), "prior_loss": mean(prior_loss) if prior_loss is not None else None,
+            "prior_loss_weight": cfg.prior_loss_weight, "lr": lrs[0], "lr_text_encoder": lrs[1] if len(lrs) > 1 else None,
+            "step_seconds": round(time.perf_counter() - began, 4),
         }
-        checkpoint.save(ckpt_root, step, rank=rank, is_main=main,
-                        trainable={n: p for n, p in trained.items()}, optimizer=optimizer,
-                        lr_scheduler=lr_scheduler, scaler=accelerator.scaler, generator=generator, meta=meta)
-        accelerator.wait_for_everyone()
-        if main:
-            checkpoint.publish(ckpt_root, step)
-            checkpoint.prune(ckpt_root, cfg.keep)
-        accelerator.wait_for_everyone()
-        return checkpoint.step_dir(ckpt_root, step)
 
-    if not resume_from:
-        evaluate()
-    unet.train()
-    if cfg.train_text_encoder:
-        text_encoder.train()
-    started, steps_here, last = time.time(), 0, {}
-    budget = cfg.max_steps - step if cfg.stop_after is None else min(cfg.max_steps - step, cfg.stop_after)
-    with log.progress("train", budget, "steps") as bar:
-        while step < cfg.max_steps and steps_here < budget:
-            began = time.perf_counter()
-            # The global batch is drawn in every process alike; each process takes its own slice.
-            n_inst = cfg.batch_size
-            mine = slice(rank * n_inst, (rank + 1) * n_inst)
-            inst_idx = instance_order.take(n_inst * world)[mine]
-            cls_idx = class_order.take(n_inst * world)[mine] if class_order else []
-            latents = instances.sample(inst_idx, generator)
-            if classes is not None:
-                latents = torch.cat([latents, classes.sample(cls_idx, generator)])
-            noise = draw_noise(tuple(latents.shape), generator, cfg.offset_noise).to(latents.device)
-            timesteps = draw_timesteps(len(latents), num_timesteps, generator).to(latents.device)
-
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            cond = conditioning.batch([len(inst_idx), len(cls_idx)], text_encoder)
-            pred = unet(noisy, timesteps, cond).sample
-            target = prediction_target(noise_scheduler, latents, noise, timesteps)
-            weights = snr_weights(noise_scheduler, timesteps, cfg.snr_gamma) if cfg.snr_gamma else None
-            loss, inst_loss, prior_loss = dreambooth_loss(pred, target, len(inst_idx), cfg.prior_loss_weight, weights)
-
-            accelerator.backward(loss)
-            if cfg.max_grad_norm > 0 and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(list(trained.values()), cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_here += 1
-
-            lrs = lr_scheduler.get_last_lr()
-            last = {
-                "step": step,
-                "epoch": instance_order.epoch,
-                "loss": float(accelerator.reduce(loss.detach(), "mean")),
-                "instance_loss": float(accelerator.reduce(inst_loss.detach(), "mean")),
-                "prior_loss": float(accelerator.reduce(prior_loss.detach(), "mean")) if prior_loss is not None else None,
-                "prior_loss_weight": cfg.prior_loss_weight,
-                "lr": lrs[0],
-                "lr_text_encoder": lrs[1] if len(lrs) > 1 else None,
-                "step_seconds": round(time.perf_counter() - began, 4),
-            }
-            metrics.write(last)
-            bar.advance()
-            bar.phase(f"loss {last['loss']:.4f}")
-
-            stopping = steps_here == budget
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopping:
-                save_checkpoint()
-                evaluate()
-            if cfg.validation_prompt and main and (step % cfg.validation_every == 0 or step == cfg.max_steps):
-                validate(pipe, raw_unet, raw_text, cfg, step, run_dir / "validation", accelerator)
-    metrics.close()
-
-    latest = checkpoint.list_checkpoints(ckpt_root)
-    result = {
-        "stage": "train", "folder": str(run.path), "step": step, "max_steps": cfg.max_steps, "mode": cfg.mode,
-        "steps_run": steps_here, "checkpoint": str(latest[-1][1]) if latest else None,
-        "metrics": str(run_dir / METRICS), "last": last, "fingerprint": run.fingerprint,
-        "prior": bool(prior), "seconds": round(time.time() - started, 3), "main_process": accelerator.is_main_process,
-    }
-    if step < cfg.max_steps:
-        return {**result, "state": "partial"}
-
-    if main:
-        write_weights(run_dir, pipe, raw_unet, raw_text, cfg, settings, started)
-        run.complete_single({"steps": step, "mode": cfg.mode, "last": last}, started)
-    accelerator.wait_for_everyone()
-    return {**result, "state": "complete", "weights": str(run.path)}
+    def report(self) -> dict:
+        latest = checkpoint.list_checkpoints(self.ckpt_root)
+        return {
+            "step": self.step, "max_steps": self.cfg.max_steps, "mode": self.cfg.mode, "steps_run": self.steps_here,
+            "checkpoint": str(latest[-1][1]) if latest else None, "metrics": str(self.run_dir / METRICS),
+            "last": self.last, "prior": bool(self.prior), "seconds": round(time.time() - self.started, 3),
+            "main_process": self.main,
+        }
 
 
-def write_weights(run_dir: Path, pipe, unet, text_encoder, cfg: TrainConfig, settings: Settings, started: float) -> None:
-    """Inference weights built beside the old ones, then swapped in (old weights survive a failure)."""
-    partial, final, old = run_dir / ".weights.partial", run_dir / "weights", run_dir / ".weights.old"
-    if old.exists() and not final.exists():
-        old.rename(final)  # an earlier run died mid-swap: its previous weights come back first
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+def train(settings: Settings, cfg: TrainConfig) -> dict:
+    return drive(Train(settings, cfg))
+
+
+def write_weights(folder: Path, trainer: Trainer, cfg: TrainConfig, settings: Settings) -> None:
+    """The inference weights (a pipeline folder, or the LoRA file) and dreambooth.json, into `folder`."""
     if cfg.mode == "full":
-        save_full(partial, pipe, unet, text_encoder)
+        save_full(folder, trainer.pipe, trainer.raw_unet, trainer.raw_text)
     else:
-        save_lora(partial, unet, text_encoder if cfg.train_text_encoder else None)
-    write_info(partial, {
+        save_lora(folder, trainer.raw_unet, trainer.raw_text if cfg.train_text_encoder else None)
+    write_info(folder, {
         "mode": cfg.mode, "base_model": settings.model.identity, "base_model_spec": settings.model.spec,
         "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt, "identifier": cfg.identifier,
         "rank": cfg.rank if cfg.mode == "lora" else None, "train_text_encoder": cfg.train_text_encoder,
         "steps": cfg.max_steps, "resolution": cfg.resolution,
     })
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    partial.rename(final)
-    shutil.rmtree(old, ignore_errors=True)

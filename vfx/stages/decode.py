@@ -13,15 +13,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vfx import log
+from vfx import graph, log
+from vfx.driver import Stage, drive
 from vfx.errors import BadInput
 from vfx.media import write_mp4
 from vfx.project import validate_name
-from vfx.stage import Part, StageRun, upstream
-from vfx.stages.common import Settings, outcome, run_units, up_to_date_result
+from vfx.settings import Settings
+from vfx.stage import Part, StageRun, Upstream, upstream
 from vfx.store import chunk_ranges, create_array, open_array
 
-SOURCE_NAME = "source"
+SOURCE_NAME = graph.spec("decode").default_name  # decoded/source: the VAE round trip of the source
 
 
 @torch.no_grad()
@@ -37,69 +38,70 @@ def decode_latents(vae, latents: np.ndarray, device: torch.device, batch_size: i
     return np.concatenate(out)
 
 
-def source_of(settings: Settings, edit: str | None) -> tuple[str, str, dict, str]:
-    """(output name, latents array path, upstream record, upstream folder) for decode."""
+def source_of(settings: Settings, edit: str | None) -> tuple[str, Upstream]:
+    """(output name, the latents artifact to decode): the source's latents, or an edit's."""
     if edit is None:
-        record = upstream(settings.project, "latents", "encode", "vfx encode {dir}")
-        return SOURCE_NAME, "latents/latents.zarr", record, "latents"
+        return SOURCE_NAME, upstream(settings.project, "encode", "latents.zarr")
     validate_name(edit, "edit name")
     if edit == SOURCE_NAME:
         raise BadInput(f"'{SOURCE_NAME}' is reserved for the source latents; omit --edit to decode them")
-    record = upstream(settings.project, f"edits/{edit}", f"edit '{edit}'", "vfx edit {dir} --name " + edit + " --prompt ...")
-    return edit, f"edits/{edit}/latents.zarr", record, f"edits/{edit}"
+    return edit, upstream(settings.project, "edit", "latents.zarr", edit)
+
+
+class Decode(Stage):
+    def __init__(self, settings: Settings, edit: str | None, batch_size: int, png: bool):
+        if batch_size < 1:
+            raise BadInput(f"invalid --batch-size {batch_size}: must be at least 1")
+        self.settings, self.batch_size, self.png = settings, batch_size, png
+        self.name, source = source_of(settings, edit)
+        self.label = f"decode {self.name}"
+        self.source_folder = str(source.folder.relative_to(settings.project.root))
+        self.latents = open_array(source.folder / "latents.zarr")
+        frames = upstream(settings.project, "extract", "frames.zarr")
+        self.fps = Fraction(frames.record["summary"]["fps"])
+        self.ranges = chunk_ranges(self.latents.shape[0], self.latents.chunks[0])
+        self.folder = settings.folder("decoded", self.name)
+        params = {"model": settings.model.identity, "png": png}
+        self.run = StageRun(self.folder, "decode", params, source.input(), len(self.ranges),
+                            force=settings.force, shard=settings.shard)
+
+    def prepare(self) -> None:
+        self.vae = self.settings.pipeline().vae
+
+    def create(self) -> None:
+        count, _, h, w = self.latents.shape
+        shutil.rmtree(self.folder / "png", ignore_errors=True)
+        (self.folder / "video.mp4").unlink(missing_ok=True)
+        create_array(self.folder / "frames.zarr", (count, h * 8, w * 8, 3), (self.latents.chunks[0], h * 8, w * 8, 3),
+                     "uint8", {"kind": "frames", "fps": str(self.fps), "decoded_from": self.source_folder})
+
+    def do_unit(self, unit: int, bar) -> None:
+        start, end = self.ranges[unit]
+        frames = open_array(self.folder / "frames.zarr", mode="r+")
+        frames[start:end] = decode_latents(self.vae, self.latents[start:end], self.settings.device, self.batch_size)
+
+    def parts(self, unit: int) -> list[Part]:
+        return [Part("frames.zarr", *self.ranges[unit])]
+
+    def stream(self):
+        frames = open_array(self.folder / "frames.zarr")
+        for start, end in self.ranges:
+            yield from frames[start:end]
+
+    def finalize(self) -> dict:
+        with log.err.status("writing video"):
+            written = write_mp4(self.folder / "video.mp4", self.stream(), self.fps)
+        if self.png:
+            png_dir = self.folder / "png"
+            png_dir.mkdir(exist_ok=True)
+            for index, frame in enumerate(self.stream()):
+                Image.fromarray(frame).save(png_dir / f"{index:05d}.png")
+        log.info(f"decode: {written} frames -> {self.folder / 'video.mp4'}")
+        return {"frames": written, "fps": str(self.fps), "video": str(self.folder / "video.mp4")}
+
+    def report(self, summary: dict) -> dict:
+        return {"video": str(self.folder / "video.mp4") if summary else None}
 
 
 def decode(settings: Settings, edit: str | None = None, batch_size: int = 4, png: bool = False) -> dict:
-    if batch_size < 1:
-        raise BadInput(f"invalid --batch-size {batch_size}: must be at least 1")
-    name, latents_path, record, upstream_folder = source_of(settings, edit)
-    latents = open_array(settings.folder(*latents_path.split("/")))
-    frames_record = upstream(settings.project, "frames", "extract", "vfx extract {dir} --video FILE")
-    fps = Fraction(frames_record["summary"]["fps"])
-    count, _, h, w = latents.shape
-    chunk = latents.chunks[0]
-    ranges = chunk_ranges(count, chunk)
-    params = {"model": settings.model.identity, "png": png}
-    folder = settings.folder("decoded", name)
-    run = StageRun(folder, "decode", params, {upstream_folder: record["fingerprint"]}, len(ranges),
-                   force=settings.force, shard=settings.shard)
-    if run.up_to_date() and not settings.force:
-        return up_to_date_result(run, {"video": str(folder / "video.mp4")})
-
-    def create() -> None:
-        shutil.rmtree(folder / "png", ignore_errors=True)
-        (folder / "video.mp4").unlink(missing_ok=True)
-        create_array(folder / "frames.zarr", (count, h * 8, w * 8, 3), (chunk, h * 8, w * 8, 3), "uint8",
-                     {"kind": "frames", "fps": str(fps), "decoded_from": upstream_folder})
-
-    pending = run.start(create)
-    frames = open_array(folder / "frames.zarr", mode="r+")
-
-    def work(unit: int, bar) -> list[np.ndarray]:
-        start, end = ranges[unit]
-        result = decode_latents(settings.pipeline().vae, latents[start:end], settings.device, batch_size)
-        frames[start:end] = result
-        return [result]
-
-    def finalize() -> dict:
-        def stream():
-            for start, end in ranges:
-                yield from frames[start:end]
-
-        with log.err.status("writing video"):
-            written = write_mp4(folder / "video.mp4", stream(), fps)
-        if png:
-            png_dir = folder / "png"
-            png_dir.mkdir(exist_ok=True)
-            for index, frame in enumerate(stream()):
-                Image.fromarray(frame).save(png_dir / f"{index:05d}.png")
-        return {"frames": written, "fps": str(fps), "video": str(folder / "video.mp4")}
-
-    def parts(unit: int) -> list[Part]:
-        return [Part("frames.zarr", *ranges[unit])]
-
-    computed = run_units(run, pending, work, f"decode {name}", on_start=settings.pipeline, parts=parts)
-    complete = run.finish(finalize)
-    if complete:
-        log.info(f"decode: {count} frames -> {folder / 'video.mp4'}")
-    return outcome(run, complete, computed, {"video": str(folder / "video.mp4") if complete else None})
+    return drive(Decode(settings, edit, batch_size, png))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vfx.driver import Stage, drive
 from vfx.errors import BadInput
+from vfx.settings import Settings
 from vfx.stage import Part, StageRun, upstream
-from vfx.stages.common import Settings, outcome, run_units, up_to_date_result
 from vfx.store import chunk_ranges, create_array, open_array
 
 FOLDER = "latents"
@@ -30,41 +31,39 @@ def encode_frames(vae, frames: np.ndarray, device: torch.device, batch_size: int
     return np.concatenate(out)
 
 
-def encode(settings: Settings, batch_size: int = 4) -> dict:
-    if batch_size < 1:
-        raise BadInput(f"invalid --batch-size {batch_size}: must be at least 1")
-    frames_record = upstream(settings.project, "frames", "extract", "vfx extract {dir} --video FILE")
-    frames = open_array(settings.folder("frames", "frames.zarr"))
-    count, height, width, _ = frames.shape
-    chunk = frames.chunks[0]
-    ranges = chunk_ranges(count, chunk)
-    params = {"model": settings.model.identity}
-    run = StageRun(
-        settings.folder(FOLDER), "encode", params, {"frames": frames_record["fingerprint"]}, len(ranges),
-        force=settings.force, shard=settings.shard,
-    )
-    if run.up_to_date() and not settings.force:
-        return up_to_date_result(run)
+class Encode(Stage):
+    label = "encode"
 
-    def create() -> None:
+    def __init__(self, settings: Settings, batch_size: int):
+        if batch_size < 1:
+            raise BadInput(f"invalid --batch-size {batch_size}: must be at least 1")
+        self.settings, self.batch_size = settings, batch_size
+        source = upstream(settings.project, "extract", "frames.zarr")
+        self.frames = open_array(settings.folder("frames", "frames.zarr"))
+        self.ranges = chunk_ranges(self.frames.shape[0], self.frames.chunks[0])
+        self.run = StageRun(settings.folder(FOLDER), "encode", {"model": settings.model.identity}, source.input(),
+                            len(self.ranges), force=settings.force, shard=settings.shard)
+
+    def prepare(self) -> None:
+        self.vae = self.settings.pipeline().vae
+
+    def create(self) -> None:
+        count, height, width, _ = self.frames.shape
+        chunk = self.frames.chunks[0]
         create_array(
-            run.path / ARRAY, (count, 4, height // 8, width // 8), (chunk, 4, height // 8, width // 8), "float32",
-            {"kind": "latents", "model": settings.model.identity, "fps": frames.attrs.get("fps"),
+            self.run.path / ARRAY, (count, 4, height // 8, width // 8), (chunk, 4, height // 8, width // 8), "float32",
+            {"kind": "latents", "model": self.settings.model.identity, "fps": self.frames.attrs.get("fps"),
              "scaling_factor_applied": True},
         )
 
-    pending = run.start(create)
-    latents = open_array(run.path / ARRAY, mode="r+")
+    def do_unit(self, unit: int, bar) -> None:
+        start, end = self.ranges[unit]
+        latents = open_array(self.run.path / ARRAY, mode="r+")
+        latents[start:end] = encode_frames(self.vae, self.frames[start:end], self.settings.device, self.batch_size)
 
-    def work(unit: int, bar) -> list[np.ndarray]:
-        start, end = ranges[unit]
-        vae = settings.pipeline().vae
-        result = encode_frames(vae, frames[start:end], settings.device, batch_size)
-        latents[start:end] = result
-        return [result]
+    def parts(self, unit: int) -> list[Part]:
+        return [Part(ARRAY, *self.ranges[unit])]
 
-    def parts(unit: int) -> list[Part]:
-        return [Part(ARRAY, *ranges[unit])]
 
-    computed = run_units(run, pending, work, "encode", on_start=settings.pipeline, parts=parts)
-    return outcome(run, run.finish(), computed)
+def encode(settings: Settings, batch_size: int = 4) -> dict:
+    return drive(Encode(settings, batch_size))

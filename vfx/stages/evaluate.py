@@ -1,4 +1,4 @@
-"""`vfx eval`: metrics of an edit or of the inversion, written to eval/<name>/ (DESIGN section 7).
+"""`vfx eval`: metrics of an edit or of the inversion, written to eval/<name>/ (warp error, PSNR/SSIM, CLIP scores).
 
 Units are the frame chunks of frames/. Unit k computes the per-frame values of frames
 [s, e) and the per-pair values of the pairs (t-1, t) for t in [s, e), writes them to
@@ -15,18 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from vfx import log, metrics
+from vfx import graph, log, metrics
 from vfx.errors import BadInput, MissingStage
 from vfx.fsutil import atomic_write_json, read_json
 from vfx.project import Project, validate_name
-from vfx.stage import Part, Shard, StageFolder, StageRun
-from vfx.stages.common import outcome, run_units, up_to_date_result
-from vfx.stages.flow import flow_upstream, frames_upstream
+from vfx.driver import Stage, drive
+from vfx.stage import Part, Shard, StageFolder, StageRun, Upstream, upstream
 from vfx.store import chunk_ranges, open_array
 
 FOLDER = "eval"
 INVERSION = "inversion"  # eval/inversion/ holds `vfx eval --inversion`; no edit may take the name
-SOURCE = "source"  # decoded/source: the VAE round trip of the source (`vfx decode DIR`)
+SOURCE = graph.spec("decode").default_name  # decoded/source: the VAE round trip of the source (`vfx decode DIR`)
+FLOW_ARRAYS = ("forward", "occlusion_forward")  # what warp errors read of flow/
 WARP_UNIT = 1e-3  # warp errors are reported in units of 10^-3, as in the papers
 
 
@@ -44,54 +44,59 @@ class Plan:
     flow_params: dict | None = None
 
 
-def _decoded(project: Project, name: str) -> tuple[dict, Path]:
-    folder = project.path("decoded", name)
-    record = StageFolder(folder).record()
-    if record and record.get("state") == "complete":
-        return record, folder
+def _decoded(project: Project, name: str) -> Upstream:
+    """decoded/NAME/frames.zarr, or an error naming what to run first (the edit, then its decode)."""
+    try:
+        return upstream(project, "decode", "frames.zarr", name)
+    except MissingStage:
+        if name == SOURCE or StageFolder(project.path("edits", name)).is_complete():
+            raise
     root = project.root
-    if name == SOURCE:
-        raise MissingStage("decode", f"vfx decode {root}")
-    if not StageFolder(project.path("edits", name)).is_complete():
-        raise BadInput(f"no edit named '{name}': run `vfx edit {root} --name {name} --prompt ...`, "
-                       f"then `vfx decode {root} --edit {name}`")
-    raise MissingStage("decode", f"vfx decode {root} --edit {name}")
+    raise BadInput(f"no edit named '{name}': run `vfx edit {root} --name {name} --prompt ...`, "
+                   f"then `vfx decode {root} --edit {name}`")
 
 
-def _reconstruction(project: Project) -> tuple[dict, object] | None:
-    """The inversion's record and reconstruction array, when the invert stage is complete."""
-    record = StageFolder(project.path("inversion")).record()
-    path = project.path("inversion", "reconstruction.zarr")
-    if not record or record.get("state") != "complete":
+def _reconstruction(project: Project) -> Upstream | None:
+    """The inversion's reconstruction, when the invert stage is complete."""
+    if not StageFolder(project.path("inversion")).is_complete():
         return None
-    if not (path / "zarr.json").is_file():
-        raise BadInput(f"{project.path('inversion')} is complete but has no reconstruction.zarr; rerun `vfx invert {project.root} --force`")
-    return record, open_array(path)
+    try:
+        return upstream(project, "invert", "reconstruction.zarr")
+    except MissingStage:
+        raise BadInput(f"{project.path('inversion')} is complete but has no reconstruction.zarr; "
+                       f"rerun `vfx invert {project.root} --force`") from None
 
 
 def _flow(project: Project, plan: Plan, required: bool) -> None:
     if not required and not StageFolder(project.path("flow")).is_complete():
         log.note(f"no flow/: warp errors skipped (run `vfx flow {project.root}` to get them)")
         return
-    record = flow_upstream(project)
-    plan.inputs["flow"] = record["fingerprint"]
+    for name in FLOW_ARRAYS:
+        found = upstream(project, "flow", f"{name}.zarr")
+        plan.inputs.update(found.input())
     plan.warp = True
-    plan.flow_params = {k: record["params"].get(k) for k in ("method", "preset", "occlusion")}
+    plan.flow_params = {k: found.record["params"].get(k) for k in ("method", "preset", "occlusion")}
+
+
+def _source(project: Project, plan: Plan) -> None:
+    frames = upstream(project, "extract", "frames.zarr")
+    plan.inputs.update(frames.input())
+    plan.videos["source"] = open_array(project.path("frames", "frames.zarr"))
 
 
 def plan_edit(project: Project, edit: str, prompt: str | None) -> Plan:
     validate_name(edit, "edit name")
     if edit == INVERSION:
         raise BadInput(f"'{INVERSION}' names the inversion's evaluation: use `vfx eval {project.root} --inversion`")
-    record, folder = _decoded(project, edit)
-    frames_record = frames_upstream(project)
-    plan = Plan(edit, "edit", inputs={f"decoded/{edit}": record["fingerprint"], "frames": frames_record["fingerprint"]})
-    plan.videos = {"edit": open_array(folder / "frames.zarr"), "source": open_array(project.path("frames", "frames.zarr"))}
+    decoded = _decoded(project, edit)
+    plan = Plan(edit, "edit", inputs=decoded.input())
+    plan.videos["edit"] = open_array(decoded.folder / "frames.zarr")
+    _source(project, plan)
     _flow(project, plan, required=True)
     found = _reconstruction(project)
     if found:
-        plan.inputs["inversion"] = found[0]["fingerprint"]
-        plan.videos["reconstruction"] = found[1]
+        plan.inputs.update(found.input())
+        plan.videos["reconstruction"] = open_array(found.folder / "reconstruction.zarr")
     if prompt is None:
         edit_record = StageFolder(project.path("edits", edit)).record() or {}
         prompt = edit_record.get("params", {}).get("prompt") if edit != SOURCE else project.config.get("prompt")
@@ -100,12 +105,13 @@ def plan_edit(project: Project, edit: str, prompt: str | None) -> Plan:
 
 
 def plan_inversion(project: Project, prompt: str | None) -> Plan:
-    frames_record = frames_upstream(project)
+    upstream(project, "extract", "frames.zarr")
     found = _reconstruction(project)
     if not found:
-        raise MissingStage("invert", f"vfx invert {project.root}")
-    plan = Plan(INVERSION, "reconstruction", inputs={"inversion": found[0]["fingerprint"], "frames": frames_record["fingerprint"]})
-    plan.videos = {"reconstruction": found[1], "source": open_array(project.path("frames", "frames.zarr"))}
+        raise MissingStage("invert", graph.spec("invert").command_for(project.root))
+    plan = Plan(INVERSION, "reconstruction", inputs=found.input())
+    plan.videos["reconstruction"] = open_array(found.folder / "reconstruction.zarr")
+    _source(project, plan)
     plan.psnr = True
     _flow(project, plan, required=False)
     plan.prompt = (prompt if prompt is not None else project.config.get("prompt")) or None
@@ -136,7 +142,7 @@ def unit_values(plan: Plan, start: int, end: int, flow: dict, clip) -> dict:
         values["psnr"] = [metrics.psnr(a, b) for a, b in zip(target, source)]
         values["ssim"] = [metrics.ssim(a, b) for a, b in zip(target, source)]
     if clip is not None:
-        from vfx.embeddings import consecutive_cosines, cosines
+        from vfx.similarity import consecutive_cosines, cosines
 
         text = clip.texts([plan.prompt]) if plan.prompt else None
         for label, block in blocks.items():
@@ -170,6 +176,50 @@ def gather(plan: Plan, parts: list[dict], count: int) -> dict:
     return summary
 
 
+class Evaluate(Stage):
+    def __init__(self, project: Project, plan: Plan, clip, shard: Shard | None, force: bool):
+        self.project, self.plan, self.clip = project, plan, clip
+        self.label = f"eval {plan.name}"
+        source = plan.videos["source"]
+        for label, video in plan.videos.items():
+            if video.shape != source.shape:
+                raise BadInput(f"{label} frames are {list(video.shape)} but frames/ is {list(source.shape)}; "
+                               "re-run the stage that made them on this project's frames")
+        self.count = source.shape[0]
+        self.ranges = chunk_ranges(self.count, source.chunks[0])
+        params = {"target": plan.target, "videos": sorted(plan.videos), "warp": plan.warp, "psnr": plan.psnr,
+                  "clip": clip.identity if clip else None, "prompt": plan.prompt if clip else None}
+        self.run = StageRun(project.path(FOLDER, plan.name), "eval", params, plan.inputs, len(self.ranges),
+                            force=force, shard=shard)
+        self.parts_dir = self.run.path / "parts"
+
+    def create(self) -> None:
+        shutil.rmtree(self.parts_dir, ignore_errors=True)  # parts of an older, different evaluation
+        self.parts_dir.mkdir(parents=True)
+
+    def prepare(self) -> None:
+        self.flow = {}
+        if self.plan.warp:
+            self.flow = {name: open_array(self.project.path("flow", f"{name}.zarr")) for name in FLOW_ARRAYS}
+
+    def do_unit(self, unit: int, bar) -> None:
+        start, end = self.ranges[unit]
+        values = unit_values(self.plan, start, end, self.flow, self.clip)
+        atomic_write_json(self.parts_dir / f"{unit:06d}.json", values)
+
+    def parts(self, unit: int) -> list[Part]:
+        return [Part(f"parts/{unit:06d}.json")]
+
+    def finalize(self) -> dict:
+        parts = [read_json(self.parts_dir / f"{unit:06d}.json") for unit in range(len(self.ranges))]
+        if any(part is None for part in parts):
+            raise BadInput(f"{self.parts_dir} is missing results; rerun with --force")
+        return gather(self.plan, parts, self.count)
+
+    def report(self, summary: dict) -> dict:
+        return {"name": self.plan.name, "metrics": summary or None}
+
+
 def evaluate(
     project: Project,
     edit: str | None = None,
@@ -183,53 +233,12 @@ def evaluate(
     if (edit is None) == (not inversion):
         raise BadInput("pass either --edit NAME (an edit, or 'source') or --inversion")
     plan = plan_edit(project, edit, prompt) if edit is not None else plan_inversion(project, prompt)
-    source = plan.videos["source"]
-    for label, video in plan.videos.items():
-        if video.shape != source.shape:
-            raise BadInput(f"{label} frames are {list(video.shape)} but frames/ is {list(source.shape)}; "
-                           "re-run the stage that made them on this project's frames")
-    count = source.shape[0]
-    ranges = chunk_ranges(count, source.chunks[0])
     clip = None
     if clip_path is not None:
-        from vfx.embeddings import Clip
+        from vfx.similarity import Clip
         from vfx.runtime import resolve_device
 
         clip = Clip(clip_path, resolve_device(project.get("device", device)))
         if plan.prompt is None:
             log.note("CLIP-T skipped: no prompt (pass --prompt)")
-    params = {"target": plan.target, "videos": sorted(plan.videos), "warp": plan.warp, "psnr": plan.psnr,
-              "clip": clip.identity if clip else None, "prompt": plan.prompt if clip else None}
-    run = StageRun(project.path(FOLDER, plan.name), "eval", params, plan.inputs, len(ranges), force=force, shard=shard)
-    if run.up_to_date() and not force:
-        return up_to_date_result(run, {"name": plan.name, "metrics": run.folder.record()["summary"]})
-    parts_dir = run.path / "parts"
-
-    def create() -> None:
-        shutil.rmtree(parts_dir, ignore_errors=True)  # parts of an older, different evaluation
-        parts_dir.mkdir(parents=True)
-
-    pending = run.start(create)
-    flow = {}
-    if plan.warp:
-        flow = {name: open_array(project.path("flow", f"{name}.zarr")) for name in ("forward", "occlusion_forward")}
-
-    def work(unit: int, bar) -> list[np.ndarray]:
-        start, end = ranges[unit]
-        values = unit_values(plan, start, end, flow, clip)
-        atomic_write_json(parts_dir / f"{unit:06d}.json", values)
-        return [np.array([np.nan if v is None else v for key in sorted(values) for v in values[key]], np.float64)]
-
-    def finalize() -> dict:
-        parts = [read_json(parts_dir / f"{unit:06d}.json") for unit in range(len(ranges))]
-        if any(part is None for part in parts):
-            raise BadInput(f"{parts_dir} is missing results; rerun with --force")
-        return gather(plan, parts, count)
-
-    def parts(unit: int) -> list[Part]:
-        return [Part(f"parts/{unit:06d}.json")]
-
-    computed = run_units(run, pending, work, f"eval {plan.name}", parts=parts)
-    complete = run.finish(finalize)
-    summary = run.folder.record()["summary"] if complete else None
-    return outcome(run, complete, computed, {"name": plan.name, "metrics": summary})
+    return drive(Evaluate(project, plan, clip, shard, force))

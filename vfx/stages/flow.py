@@ -10,80 +10,76 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from vfx import flow as F
+from vfx import opticalflow as F
 from vfx.errors import BadInput
 from vfx.project import Project
+from vfx.driver import Stage, drive
 from vfx.stage import Part, Shard, StageRun, upstream
-from vfx.stages.common import outcome, run_units, up_to_date_result
 from vfx.store import chunk_ranges, create_array, open_array
 
 FOLDER = "flow"
 ARRAYS = ("forward", "backward", "occlusion_forward", "occlusion_backward")
 
 
-def frames_upstream(project: Project) -> dict:
-    return upstream(project, "frames", "extract", "vfx extract {dir} --video FILE")
+class Flow(Stage):
+    unit_name = "chunks"
 
+    def __init__(self, project: Project, preset: str, shard: Shard | None, force: bool):
+        F.check_preset(preset)
+        self.project, self.preset = project, preset
+        self.label = f"flow ({preset})"
+        source = upstream(project, "extract", "frames.zarr")
+        self.frames = open_array(project.path("frames", "frames.zarr"))
+        count = self.frames.shape[0]
+        if count < 2:
+            raise BadInput(f"flow needs at least 2 frames; {project.path('frames')} holds {count}")
+        self.ranges = chunk_ranges(count - 1, self.frames.chunks[0])
+        params = {"method": F.METHOD, "preset": preset, "occlusion": F.OCCLUSION_RULE}
+        self.run = StageRun(project.path(FOLDER), "flow", params, source.input(), len(self.ranges),
+                            force=force, shard=shard)
 
-def flow_upstream(project: Project) -> dict:
-    """The complete flow record, or an error naming `vfx flow DIR`."""
-    return upstream(project, FOLDER, "flow", "vfx flow {dir}")
-
-
-def compute_flow(project: Project, preset: str = F.DEFAULT_PRESET, shard: Shard | None = None, force: bool = False) -> dict:
-    F.check_preset(preset)
-    frames_record = frames_upstream(project)
-    frames = open_array(project.path("frames", "frames.zarr"))
-    count, height, width, _ = frames.shape
-    if count < 2:
-        raise BadInput(f"flow needs at least 2 frames; {project.path('frames')} holds {count}")
-    chunk = frames.chunks[0]
-    ranges = chunk_ranges(count - 1, chunk)
-    params = {"method": F.METHOD, "preset": preset, "occlusion": F.OCCLUSION_RULE}
-    run = StageRun(project.path(FOLDER), "flow", params, {"frames": frames_record["fingerprint"]}, len(ranges),
-                   force=force, shard=shard)
-    if run.up_to_date() and not force:
-        return up_to_date_result(run, {"method": F.METHOD, "preset": preset})
-
-    def create() -> None:
-        attrs = {"method": F.METHOD, "preset": preset, "opencv": cv2.__version__, "pairs": "t -> t+1"}
+    def create(self) -> None:
+        count, height, width, _ = self.frames.shape
+        chunk = self.frames.chunks[0]
+        attrs = {"method": F.METHOD, "preset": self.preset, "opencv": cv2.__version__, "pairs": "t -> t+1"}
         for name in ("forward", "backward"):
-            create_array(run.path / f"{name}.zarr", (count - 1, 2, height, width), (chunk, 2, height, width), "float16",
-                         {**attrs, "kind": "flow", "direction": name, "units": "pixels (dx, dy)"})
+            create_array(self.run.path / f"{name}.zarr", (count - 1, 2, height, width), (chunk, 2, height, width),
+                         "float16", {**attrs, "kind": "flow", "direction": name, "units": "pixels (dx, dy)"})
         for name in ("occlusion_forward", "occlusion_backward"):
-            create_array(run.path / f"{name}.zarr", (count - 1, height, width), (chunk, height, width), "uint8",
+            create_array(self.run.path / f"{name}.zarr", (count - 1, height, width), (chunk, height, width), "uint8",
                          {**attrs, "kind": "mask", "rule": F.OCCLUSION_RULE, "thresholds": F.THRESHOLDS,
                           "meaning": "1 = occluded / unreliable"})
 
-    pending = run.start(create)
-    arrays = {name: open_array(run.path / f"{name}.zarr", mode="r+") for name in ARRAYS}
+    def arrays(self, mode: str = "r") -> dict:
+        return {name: open_array(self.run.path / f"{name}.zarr", mode=mode) for name in ARRAYS}
 
-    def work(unit: int, bar) -> list[np.ndarray]:
-        start, end = ranges[unit]
-        block = np.asarray(frames[start : end + 1])
-        results = [F.flow_pair(block[i], block[i + 1], preset) for i in range(end - start)]
-        written = []
-        for index, name in enumerate(ARRAYS):
+    def do_unit(self, unit: int, bar) -> None:
+        start, end = self.ranges[unit]
+        block = np.asarray(self.frames[start : end + 1])
+        results = [F.flow_pair(block[i], block[i + 1], self.preset) for i in range(end - start)]
+        for index, (name, array) in enumerate(self.arrays("r+").items()):
             dtype = np.float16 if index < 2 else np.uint8
-            data = np.stack([r[index] for r in results]).astype(dtype)
-            arrays[name][start:end] = data
-            written.append(data)
-        return written
+            array[start:end] = np.stack([r[index] for r in results]).astype(dtype)
 
-    def finalize() -> dict:
-        # Summary numbers for `vfx status` / `inspect`, streamed chunk by chunk.
+    def parts(self, unit: int) -> list[Part]:
+        return [Part(f"{name}.zarr", *self.ranges[unit]) for name in ARRAYS]
+
+    def finalize(self) -> dict:
+        """Summary numbers for `vfx status` / `inspect`, streamed chunk by chunk."""
+        arrays = self.arrays()
+        count, height, width, _ = self.frames.shape
         magnitude, occluded, pixels = 0.0, 0.0, 0
-        for start, end in ranges:
+        for start, end in self.ranges:
             forward = np.asarray(arrays["forward"][start:end], dtype=np.float32)
             magnitude += float(np.sqrt((forward**2).sum(axis=1)).sum())
             occluded += float(np.asarray(arrays["occlusion_forward"][start:end]).sum())
             pixels += forward.shape[0] * height * width
-        return {"pairs": count - 1, "method": F.METHOD, "preset": preset, "opencv": cv2.__version__,
+        return {"pairs": count - 1, "method": F.METHOD, "preset": self.preset, "opencv": cv2.__version__,
                 "mean_magnitude": round(magnitude / pixels, 4), "occluded_fraction": round(occluded / pixels, 4)}
 
-    def parts(unit: int) -> list[Part]:
-        return [Part(f"{name}.zarr", *ranges[unit]) for name in ARRAYS]
+    def report(self, summary: dict) -> dict:
+        return {"method": F.METHOD, "preset": self.preset}
 
-    computed = run_units(run, pending, work, f"flow ({preset})", parts=parts)
-    complete = run.finish(finalize)
-    return outcome(run, complete, computed, {"method": F.METHOD, "preset": preset})
+
+def compute_flow(project: Project, preset: str = F.DEFAULT_PRESET, shard: Shard | None = None, force: bool = False) -> dict:
+    return drive(Flow(project, preset, shard, force))

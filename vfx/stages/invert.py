@@ -20,8 +20,9 @@ from vfx.diffusion.text import encode_prompt
 from vfx.errors import BadInput
 from vfx.media import write_mp4
 from vfx.metrics import psnr
+from vfx.driver import Stage, drive
+from vfx.settings import Settings
 from vfx.stage import Part, StageRun, upstream
-from vfx.stages.common import Settings, outcome, run_units, up_to_date_result
 from vfx.stages.decode import decode_latents
 from vfx.store import chunk_ranges, create_array, open_array
 
@@ -86,95 +87,105 @@ def denoise_latents(unet, schedule: Schedule, noisy: torch.Tensor, embedding: to
     return x
 
 
-def invert(settings: Settings, steps: int = 500, save_steps: int = 50, prompt: str | None = None,
-           batch_size: int = 8, reconstruction: bool = True) -> dict:
-    if batch_size < 1:
-        raise BadInput(f"invalid --batch-size {batch_size}: must be at least 1")
-    latents_record = upstream(settings.project, "latents", "encode", "vfx encode {dir}")
-    prompt = settings.project.get("prompt", prompt) or ""
-    latents = open_array(settings.folder("latents", "latents.zarr"))
-    count, channels, h, w = latents.shape
-    chunk = latents.chunks[0]
-    ranges = chunk_ranges(count, chunk)
-    pipe = settings.pipeline()
-    schedule = Schedule.from_pipeline(pipe)
-    grid, saved = inversion_plan(schedule, steps, save_steps)
-    params = {
-        "model": settings.model.identity, "dtype": settings.dtype_name, "prompt": prompt, "steps": steps,
-        "save_steps": save_steps, "reconstruction": reconstruction,
-    }
-    inputs = {"latents": latents_record["fingerprint"]}
-    run = StageRun(settings.folder(FOLDER), "invert", params, inputs, len(ranges), force=settings.force, shard=settings.shard)
-    if run.up_to_date() and not settings.force:
-        return up_to_date_result(run, {"psnr_mean": run.folder.record().get("summary", {}).get("psnr_mean")})
-    attrs = {
-        "kind": "inversion-trajectory", "timesteps": saved, "prompt": prompt, "inversion_steps": steps,
-        "save_steps": save_steps, "prediction_type": schedule.prediction_type,
-        "scheduler": schedule.scheduler_config.get("_class_name", "DDIMScheduler"),
-    }
+class Invert(Stage):
+    label = "invert"
+    unit_name = "frame-steps"
 
-    def create() -> None:
-        create_array(run.path / "trajectory.zarr", (len(saved), count, channels, h, w), (1, chunk, channels, h, w), "float32", attrs)
-        if reconstruction:
-            create_array(run.path / "reconstruction_latents.zarr", (count, channels, h, w), (chunk, channels, h, w), "float32",
-                         {"kind": "latents"})
-            create_array(run.path / "reconstruction.zarr", (count, h * 8, w * 8, 3), (chunk, h * 8, w * 8, 3), "uint8",
+    def __init__(self, settings: Settings, steps: int, save_steps: int, prompt: str | None, batch_size: int,
+                 reconstruction: bool):
+        if batch_size < 1:
+            raise BadInput(f"invalid --batch-size {batch_size}: must be at least 1")
+        self.settings, self.batch_size, self.reconstruction = settings, batch_size, reconstruction
+        self.steps, self.save_steps = steps, save_steps
+        source = upstream(settings.project, "encode", "latents.zarr")
+        self.prompt = settings.project.get("prompt", prompt) or ""
+        self.latents = open_array(settings.folder("latents", "latents.zarr"))
+        self.chunk = self.latents.chunks[0]
+        self.ranges = chunk_ranges(self.latents.shape[0], self.chunk)
+        params = {
+            "model": settings.model.identity, "dtype": settings.dtype_name, "prompt": self.prompt, "steps": steps,
+            "save_steps": save_steps, "reconstruction": reconstruction,
+        }
+        self.run = StageRun(settings.folder(FOLDER), "invert", params, source.input(), len(self.ranges),
+                            force=settings.force, shard=settings.shard)
+
+    def prepare(self) -> None:
+        self.schedule = self.settings.schedule()
+        self.grid, self.saved = inversion_plan(self.schedule, self.steps, self.save_steps)
+        self.steps_per_unit = self.chunk * len(self.grid) * (2 if self.reconstruction else 1)
+        self.pipe = self.settings.pipeline()
+        self.embedding = encode_prompt(self.pipe, self.prompt)
+
+    def create(self) -> None:
+        count, channels, h, w = self.latents.shape
+        chunk = self.chunk
+        attrs = {
+            "kind": "inversion-trajectory", "timesteps": self.saved, "prompt": self.prompt,
+            "inversion_steps": self.steps, "save_steps": self.save_steps,
+            "prediction_type": self.schedule.prediction_type,
+            "scheduler": self.schedule.scheduler_config.get("_class_name", "DDIMScheduler"),
+        }
+        path = self.run.path
+        create_array(path / "trajectory.zarr", (len(self.saved), count, channels, h, w), (1, chunk, channels, h, w),
+                     "float32", attrs)
+        if self.reconstruction:
+            create_array(path / "reconstruction_latents.zarr", (count, channels, h, w), (chunk, channels, h, w),
+                         "float32", {"kind": "latents"})
+            create_array(path / "reconstruction.zarr", (count, h * 8, w * 8, 3), (chunk, h * 8, w * 8, 3), "uint8",
                          {"kind": "frames"})
 
-    pending = run.start(create)
-    trajectory = open_array(run.path / "trajectory.zarr", mode="r+")
-    embedding = encode_prompt(pipe, prompt) if pending else None
-    unet = pipe.unet
-
-    def work(unit: int, bar: log.Bar) -> list[np.ndarray]:
-        start, end = ranges[unit]
-        written = []
-        for sub in range(start, end, batch_size):
-            stop = min(sub + batch_size, end)
-            x0 = torch.from_numpy(np.asarray(latents[sub:stop])).to(settings.device, torch.float32)
+    def do_unit(self, unit: int, bar: log.Bar) -> None:
+        start, end = self.ranges[unit]
+        unet, path = self.pipe.unet, self.run.path
+        trajectory = open_array(path / "trajectory.zarr", mode="r+")
+        for sub in range(start, end, self.batch_size):
+            stop = min(sub + self.batch_size, end)
+            x0 = torch.from_numpy(np.asarray(self.latents[sub:stop])).to(self.settings.device, torch.float32)
             bar.phase("inverting")
-            states = invert_latents(unet, schedule, x0, embedding, grid, set(saved), bar)
-            for index, timestep in enumerate(saved):
+            states = invert_latents(unet, self.schedule, x0, self.embedding, self.grid, set(self.saved), bar)
+            for index, timestep in enumerate(self.saved):
                 trajectory[index, sub:stop] = states[timestep].cpu().numpy()
-            if reconstruction:
+            if self.reconstruction:
                 bar.phase("reconstructing")
-                clean = denoise_latents(unet, schedule, states[grid[-1]], embedding, grid[::-1], bar)
+                clean = denoise_latents(unet, self.schedule, states[self.grid[-1]], self.embedding, self.grid[::-1], bar)
                 clean_np = clean.float().cpu().numpy()
-                open_array(run.path / "reconstruction_latents.zarr", mode="r+")[sub:stop] = clean_np
-                open_array(run.path / "reconstruction.zarr", mode="r+")[sub:stop] = decode_latents(
-                    pipe.vae, clean_np, settings.device, batch_size)
-        written.append(np.asarray(trajectory[:, start:end]))
-        return written
+                open_array(path / "reconstruction_latents.zarr", mode="r+")[sub:stop] = clean_np
+                open_array(path / "reconstruction.zarr", mode="r+")[sub:stop] = decode_latents(
+                    self.pipe.vae, clean_np, self.settings.device, self.batch_size)
 
-    per_unit = chunk * len(grid) * (2 if reconstruction else 1)
-    def parts(unit: int) -> list[Part]:
-        start, end = ranges[unit]
+    def parts(self, unit: int) -> list[Part]:
+        start, end = self.ranges[unit]
         stored = [Part("trajectory.zarr", start, end, axis=1)]
-        if reconstruction:
+        if self.reconstruction:
             stored += [Part("reconstruction_latents.zarr", start, end), Part("reconstruction.zarr", start, end)]
         return stored
 
-    computed = run_units(run, pending, work, "invert", steps_per_unit=per_unit, unit_name="frame-steps", parts=parts)
-
-    def finalize() -> dict:
-        summary = {"timesteps": saved, "frames": count}
-        if reconstruction:
-            frames = open_array(settings.folder("frames", "frames.zarr"))
-            recon = open_array(run.path / "reconstruction.zarr")
-            recon_latents = open_array(run.path / "reconstruction_latents.zarr")
-            scores, squared = [], 0.0
-            for start, end in ranges:
-                scores += [psnr(a, b) for a, b in zip(np.asarray(recon[start:end]), np.asarray(frames[start:end]))]
-                squared += float(np.sum((np.asarray(recon_latents[start:end]) - np.asarray(latents[start:end])) ** 2))
-            # Latent RMSE isolates the inversion's error from the VAE's (PSNR includes both).
-            summary["latent_rmse"] = round((squared / latents.size) ** 0.5, 6)
-            fps = Fraction(frames.attrs.get("fps", "24"))
-            write_mp4(run.path / "reconstruction.mp4", (f for s, e in ranges for f in recon[s:e]), fps)
-            summary.update(psnr=[round(v, 4) for v in scores], psnr_mean=round(float(np.mean(scores)), 4))
+    def finalize(self) -> dict:
+        summary = {"timesteps": self.saved, "frames": self.latents.shape[0]}
+        if self.reconstruction:
+            summary.update(self.score_reconstruction())
+            log.info(f"invert: reconstruction PSNR {summary['psnr_mean']:.2f} dB (mean over {summary['frames']} frames)")
         return summary
 
-    complete = run.finish(finalize)
-    summary = (run.folder.record() or {}).get("summary", {}) if complete else {}
-    if complete and "psnr_mean" in summary:
-        log.info(f"invert: reconstruction PSNR {summary['psnr_mean']:.2f} dB (mean over {count} frames)")
-    return outcome(run, complete, computed, {"psnr_mean": summary.get("psnr_mean")})
+    def score_reconstruction(self) -> dict:
+        """Per-frame PSNR against the source frames, latent RMSE, and reconstruction.mp4."""
+        frames = open_array(self.settings.folder("frames", "frames.zarr"))
+        recon = open_array(self.run.path / "reconstruction.zarr")
+        recon_latents = open_array(self.run.path / "reconstruction_latents.zarr")
+        scores, squared = [], 0.0
+        for start, end in self.ranges:
+            scores += [psnr(a, b) for a, b in zip(np.asarray(recon[start:end]), np.asarray(frames[start:end]))]
+            squared += float(np.sum((np.asarray(recon_latents[start:end]) - np.asarray(self.latents[start:end])) ** 2))
+        fps = Fraction(frames.attrs.get("fps", "24"))
+        write_mp4(self.run.path / "reconstruction.mp4", (f for s, e in self.ranges for f in recon[s:e]), fps)
+        # Latent RMSE isolates the inversion's error from the VAE's (PSNR includes both).
+        return {"latent_rmse": round((squared / self.latents.size) ** 0.5, 6),
+                "psnr": [round(v, 4) for v in scores], "psnr_mean": round(float(np.mean(scores)), 4)}
+
+    def report(self, summary: dict) -> dict:
+        return {"psnr_mean": summary.get("psnr_mean")}
+
+
+def invert(settings: Settings, steps: int = 500, save_steps: int = 50, prompt: str | None = None,
+           batch_size: int = 8, reconstruction: bool = True) -> dict:
+    return drive(Invert(settings, steps, save_steps, prompt, batch_size, reconstruction))

@@ -1,4 +1,4 @@
-"""CLIP and DINO embeddings for the metrics (DESIGN section 7), from local model folders only.
+"""CLIP and DINO embeddings for the metrics, from local model folders only.
 
 Images are preprocessed here with PIL and numpy (no torchvision), following the folder's
 preprocessor_config.json when it has one: resize the short side, centre-crop, normalise.

@@ -1,4 +1,4 @@
-"""Optical flow and occlusion (DESIGN section 6, "Optical flow").
+"""Optical flow and occlusion: OpenCV DIS flow both ways, forward-backward occlusion check.
 
 Flow fields use the artifact layout: float [2, H, W], channel 0 = dx, channel 1 = dy, in pixels.
 A flow defined on frame A's grid points from A to B: pixel x of A is seen at x + w(x) in B.
