@@ -107,9 +107,9 @@ def assert_bad(result, *words: str) -> str:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Content hashes of every file under `root` (locks excluded)."""
+    """Content hashes of every file under `root` (lock files, which hold no data, excluded)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".lock"}
 
 
 def chunk_files(array: Path) -> dict[str, bytes]:
@@ -237,6 +237,28 @@ def edited(root: Path, name: str) -> np.ndarray:
     import zarr
 
     return np.asarray(zarr.open_array(str(root / "edits" / name / "latents.zarr")))
+
+
+def edit_step(pipe, frames: np.ndarray, keyframes: list[int], trace: dict | None = None, correspondences=None):
+    """One TokenFlow editing step (t 501 -> 401) over in-memory latents of `frames`, the clean latents
+    standing in for the source branch; `trace` collects the matched tokens per layer."""
+    import torch
+
+    from vfx.diffusion.ddim import Schedule
+    from vfx.diffusion.text import encode_prompt
+    from vfx.diffusion.tokenflow import Embeddings, StepIO, TokenFlowEditor
+    from vfx.stages.encode import encode_frames
+
+    latents = encode_frames(pipe.vae, frames, torch.device("cpu"), 8)
+    out = np.zeros_like(latents)
+    emb = encode_prompt(pipe, "")
+    editor = TokenFlowEditor(pipe.unet, Schedule.from_pipeline(pipe), Embeddings(emb, emb, emb), 7.5,
+                             "distance", len(frames), torch.device("cpu"), correspondences=correspondences, trace=trace)
+    io = StepIO(lambda s, e: latents[s:e], lambda idx: latents[idx], lambda s, e: latents[s:e],
+                lambda idx: latents[idx], lambda s, e, a: out.__setitem__(slice(s, e), a))
+    with editor.hooked():
+        editor.step(io, len(frames), len(frames), keyframes, 501, 401)
+    return out
 
 
 @pytest.fixture

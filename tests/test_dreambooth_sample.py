@@ -123,3 +123,48 @@ def test_base_sampling_uses_the_run_base_model(tmp_path):
     ok("sample", root, "--name", "v", "--prompt", PROMPT, "--num-images", "1", "--steps", "2")
     manifest = json.loads((run_dir(root, "v") / "samples" / "manifest.json").read_text())
     assert manifest["model"] == "tiny-v" and manifest["lora"]
+
+
+# ---------------------------------------------------------------- nothing lost
+
+
+def test_a_bad_lora_changes_no_sample_and_damaged_weights_are_refused(trained, tmp_path):
+    import shutil
+
+    from conftest import assert_bad, snapshot, status_rows
+
+    root = tmp_path / "copy"
+    shutil.copytree(trained, root, symlinks=True)
+    ok("sample", root, "--name", "lora", *SAMPLE)
+    before = snapshot(root)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((run_dir(root, "lora") / "weights" / "pytorch_lora_weights.safetensors").read_bytes()[:100])
+    assert_bad(invoke("sample", root, "--name", "lora", *SAMPLE, "--lora", truncated, "--force"), "truncated")
+    assert snapshot(root) == before
+
+    weights = run_dir(root, "lora") / "weights" / "pytorch_lora_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert status_rows(root, "--verify")["dreambooth/lora/weights"]["state"] == "damaged"
+    assert_bad(invoke("sample", root, "--name", "lora", *SAMPLE, "--force"), "damaged", "vfx train")
+    assert snapshot(root) == {**before, "dreambooth/lora/weights/pytorch_lora_weights.safetensors":
+                              snapshot(root)["dreambooth/lora/weights/pytorch_lora_weights.safetensors"]}
+
+
+def test_training_never_writes_through_a_linked_checkpoint_folder(trained, tmp_path):
+    import shutil
+
+    from conftest import assert_bad
+
+    root = tmp_path / "copy"
+    shutil.copytree(trained, root, symlinks=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    checkpoints = run_dir(root, "full") / "checkpoints"
+    shutil.rmtree(checkpoints)
+    checkpoints.symlink_to(outside, target_is_directory=True)
+    photos = make_photos(tmp_path / "photos", 2)
+    assert_bad(invoke(*train_args(root, "full", photos, "--force", steps=2)), "symbolic link")
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]

@@ -59,7 +59,9 @@ def test_prior_term_is_in_the_batch_logged_and_weighted(db):
     assert len(lines) == 2
     for line in lines:
         assert line["prior_loss"] > 0 and line["instance_loss"] > 0
-        assert line["loss"] == pytest.approx(line["instance_loss"] + 0.5 * line["prior_loss"], rel=1e-5)
+        # loss = instance + 0.5 * prior in float32: a product and a sum round, k = 4 eps32 (measured: 0.3).
+        rounding = 4 * float(torch.finfo(torch.float32).eps)
+        assert line["loss"] == pytest.approx(line["instance_loss"] + 0.5 * line["prior_loss"], rel=rounding, abs=0)
         assert line["lr"] == pytest.approx(1e-3) and line["step_seconds"] > 0
 
 
@@ -180,7 +182,10 @@ def test_full_weights_load_with_from_pretrained_and_match_training(db):
     fixed = eval_set(Latents(images, pipe.vae), 4, 0, 1000)
     cond = Conditioning(pipe.text_encoder, pipe.tokenizer, [PROMPT], trained=False)
     value = eval_loss(pipe.unet, cond, pipe.text_encoder, DDPMScheduler.from_config(pipe.scheduler.config), fixed)
-    assert value == pytest.approx(eval_lines(root, "full")[-1]["eval_instance_loss"], rel=1e-5)
+    # The same weights and fixed (noise, timestep) pairs in float32: the same computation (measured: exactly
+    # equal); k = 4 eps32 of the loss allows its mean to be summed in another order.
+    assert value == pytest.approx(eval_lines(root, "full")[-1]["eval_instance_loss"],
+                                  rel=4 * float(torch.finfo(torch.float32).eps), abs=0)
     info = json.loads((run_dir(root, "full") / "weights" / "dreambooth.json").read_text())
     assert info["mode"] == "full" and info["base_model_spec"] == "tiny"
 

@@ -11,7 +11,8 @@ import zarr
 
 from conftest import EDIT_STEPS as STEPS
 from conftest import (
-    done_markers, edited, inverted, invoke, kill_after_markers, run_edit, textured, tiny_pipe, vfx_command,
+    assert_bad, done_markers, edit_step, edited, inverted, invoke, kill_after_markers, ok, run_edit, textured, tiny_pipe,
+    vfx_command,
 )
 from vfx.diffusion.attention import Branches, KeyframeCache, Neighbours, find_layers, propagate
 from vfx.diffusion.tokenflow import draw_keyframes, neighbours_by_distance, neighbours_reference
@@ -23,8 +24,12 @@ def test_static_video_edits_to_identical_frames(tmp_path):
     assert out.shape == (6, 4, 8, 8) and np.isfinite(out).all()
     source = np.asarray(zarr.open_array(str(root / "latents" / "latents.zarr")))
     assert np.abs(out - source).max() > 1e-3, "the edit must change the latents"
+    # Identical frames in batches of another composition differ by float rounding only, amplified by
+    # 3 UNet steps under guidance 7.5: measured 65 float32 eps of the latents' scale on the tiny model,
+    # so k = 128 (twice that; the fixed atol=1e-4 it replaces was 160 eps of this scale).
+    rounding = 128 * np.finfo(np.float32).eps * np.abs(out).max()
     for frame in out[1:]:
-        np.testing.assert_allclose(frame, out[0], atol=1e-4)  # batch-dependent float rounding only
+        assert np.abs(frame - out[0]).max() <= rounding
     assert result["unet_frame_evaluations"] == 3 * 6 * STEPS  # 3N per step: keyframes are not evaluated twice
 
 
@@ -116,32 +121,13 @@ def test_reference_mode_runs_and_differs(tmp_path):
     assert edited(root, "ours").tobytes() != edited(root, "ref").tobytes()
 
 
-def one_step(pipe, frames: np.ndarray, keyframes: list[int], trace: dict | None = None):
-    """One editing step over in-memory latents, the clean latents standing in for the source branch."""
-    from vfx.diffusion.ddim import Schedule
-    from vfx.diffusion.text import encode_prompt
-    from vfx.diffusion.tokenflow import Embeddings, StepIO, TokenFlowEditor
-    from vfx.stages.encode import encode_frames
-
-    latents = encode_frames(pipe.vae, frames, torch.device("cpu"), 8)
-    out = np.zeros_like(latents)
-    emb = encode_prompt(pipe, "")
-    editor = TokenFlowEditor(pipe.unet, Schedule.from_pipeline(pipe), Embeddings(emb, emb, emb), 7.5,
-                             "distance", len(frames), torch.device("cpu"), trace=trace)
-    io = StepIO(lambda s, e: latents[s:e], lambda idx: latents[idx], lambda s, e: latents[s:e],
-                lambda idx: latents[idx], lambda s, e, a: out.__setitem__(slice(s, e), a))
-    with editor.hooked():
-        editor.step(io, len(frames), len(frames), keyframes, 501, 401)
-    return out
-
-
 def test_correspondences_recover_a_known_translation():
     """Frame k is the texture shifted right by k tokens (8 px): interior tokens must match (r, c - k)."""
     pipe = tiny_pipe()
     base = textured(160, seed=7)
     frames = np.stack([base[16:144, 16 - 8 * k : 144 - 8 * k] for k in range(3)])
     trace = {}
-    one_step(pipe, frames, [0], trace)
+    edit_step(pipe, frames, [0], trace)
     matched = trace["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"][0]  # [2, 256]
     for row, shift in zip(matched, (1, 2)):
         grid = row.view(16, 16)
@@ -171,16 +157,21 @@ def test_one_keyframe_feeds_every_frame(monkeypatch):
         m = branches.n
         keyframe_rows = cache.outputs[name][:, 0]  # [3, L, C]
         for branch in range(3):
+            # A blend with weights 1 and 0 gives the keyframe's entries after at most one rounding (half an
+            # ulp) each, so a token's distance to its keyframe token is at most 1/2 eps * |largest entry| *
+            # sqrt(channels) (measured: exactly 0).
+            rows = keyframe_rows[branch]
+            bound = 0.5 * torch.finfo(rows.dtype).eps * float(rows.abs().max()) * rows.shape[-1] ** 0.5
             for row in out.view(3, m, *out.shape[1:])[branch]:
-                distances = torch.cdist(row, keyframe_rows[branch], compute_mode="donot_use_mm_for_euclid_dist")
-                assert distances.min(dim=1).values.max() < 1e-6
+                distances = torch.cdist(row, rows, compute_mode="donot_use_mm_for_euclid_dist")
+                assert distances.min(dim=1).values.max() <= bound
         seen.append(name)
         return out
 
     monkeypatch.setattr(attention, "propagate", checked)
     keyframes = draw_keyframes(5, 8, seed=0, step=0)
     assert len(keyframes) == 1
-    one_step(pipe, frames, keyframes)
+    edit_step(pipe, frames, keyframes)
     assert len(set(seen)) == 16
 
 
@@ -192,7 +183,8 @@ def test_propagate_blends_two_keyframes():
     cache.outputs["x"] = torch.tensor([1.0, 3.0]).view(1, 2, 1, 1).expand(3, 2, 4, 4).clone()
     plan = Neighbours(torch.tensor([0]), torch.tensor([1]), torch.tensor([0.25], dtype=torch.float64))
     out = propagate(cache, "x", torch.eye(4).unsqueeze(0).repeat(3, 1, 1), Branches(1), plan)
-    assert torch.allclose(out, torch.full_like(out, 0.25 * 1 + 0.75 * 3))
+    # 0.25 * 1 + 0.75 * 3: two products and a sum of values up to 3, k = 4 eps of that scale (measured: exact).
+    assert float((out - (0.25 * 1 + 0.75 * 3)).abs().max()) <= 4 * torch.finfo(out.dtype).eps * 3
 
 
 def test_editor_owns_its_processors_and_refuses_a_foreign_layout():
@@ -227,6 +219,7 @@ def test_editor_owns_its_processors_and_refuses_a_foreign_layout():
         conv_hook(ProcessorContext(Call(Branches(2), inject_conv=True)))(None, (), torch.randn(5, 4, 8, 8))
 
 
+@pytest.mark.slow
 def test_killed_edit_resumes_to_identical_bytes(tmp_path):
     frames = [np.roll(textured(64, seed=9), 4 * k, axis=1) for k in range(8)]
     root = inverted(tmp_path, frames, steps=10)
@@ -242,19 +235,14 @@ def test_killed_edit_resumes_to_identical_bytes(tmp_path):
 
 
 def test_bad_edit_inputs(tmp_path, encoded):
-    result = invoke("edit", encoded, "--prompt", "x")
-    assert result.exit_code == 2 and "vfx invert" in result.output
-    assert invoke("invert", encoded, "--steps", "4", "--save-steps", "2", "--no-reconstruction").exit_code == 0
-    result = invoke("edit", encoded, "--prompt", "x", "--steps", "3")
-    assert result.exit_code == 2 and "--save-steps 3" in result.output
+    assert_bad(invoke("edit", encoded, "--prompt", "x"), "vfx invert")
+    ok("invert", encoded, "--steps", "4", "--save-steps", "2", "--no-reconstruction")
+    assert_bad(invoke("edit", encoded, "--prompt", "x", "--steps", "3"), "--save-steps 3")
     for name in ("../evil", "a/b", ".hidden", "source"):
-        result = invoke("edit", encoded, "--prompt", "x", "--steps", "2", "--name", name)
-        assert result.exit_code == 2, name
+        assert_bad(invoke("edit", encoded, "--prompt", "x", "--steps", "2", "--name", name), repr(name))
     assert not (encoded.parent / "evil").exists()
-    result = invoke("edit", encoded, "--prompt", "  ", "--steps", "2")
-    assert result.exit_code == 2 and "empty" in result.output
+    assert_bad(invoke("edit", encoded, "--prompt", "  ", "--steps", "2"), "empty")
     bad = tmp_path / "k.json"
     bad.write_text("[[0, 20]]")
-    result = invoke("edit", encoded, "--prompt", "x", "--steps", "2", "--keyframes", bad)
-    assert result.exit_code == 2 and "shape" in result.output
-    assert not (encoded / "edits").exists() or not any((encoded / "edits").iterdir())
+    assert_bad(invoke("edit", encoded, "--prompt", "x", "--steps", "2", "--keyframes", bad), "shape")
+    assert not (encoded / "edits").exists()  # a refused edit writes nothing, not even its folder

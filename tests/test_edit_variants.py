@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from conftest import EDIT_STEPS as STEPS
-from conftest import assert_bad, edited, inverted, invoke, textured, tiny_pipe
+from conftest import assert_bad, edit_step, edited, inverted, invoke, textured, tiny_pipe
 from conftest import run_edit as edit_json
 from vfx import opticalflow as F
 from vfx.diffusion.controlnet import ControlGuide
@@ -144,11 +144,15 @@ def test_controlnet_residuals_reach_the_edit_branches_only():
         assert residual.shape[0] == 6
         assert torch.count_nonzero(residual[:2]) == 0, "the source branch gets no control"
         assert residual[2:].abs().amax(dim=(1, 2, 3)).min() > 0, "every edit-branch frame gets some"
+    # The scale multiplies each residual once; halving is exact in binary, so at most one rounding:
+    # 1 eps of the residual's scale (measured: exact).
     for a, b in zip(half["down_block_additional_residuals"], full["down_block_additional_residuals"]):
-        torch.testing.assert_close(a, 0.5 * b)
+        assert float((a - 0.5 * b).abs().max()) <= torch.finfo(b.dtype).eps * 0.5 * float(b.abs().max())
     out = pipe.unet(sample, 500, encoder_hidden_states=context, **full).sample
     plain = pipe.unet(sample, 500, encoder_hidden_states=context).sample
-    assert torch.equal(out[:2], plain[:2]) and not torch.allclose(out[2:], plain[2:])
+    assert torch.equal(out[:2], plain[:2])
+    for frame in range(2, 6):  # every edit-branch frame moves far beyond rounding (measured: 33-43% of its scale)
+        assert float((out[frame] - plain[frame]).abs().max()) > 1e-3 * float(plain[frame].abs().max())
 
 
 def test_canny_control_edit(project, tmp_path):
@@ -215,7 +219,9 @@ def test_composed_flow_and_token_maps():
     # Frame 2 -> 0 composes 2 -> 1 and 1 -> 0: 16 px to the left; frame 2's columns 48..55 land in frame 1's
     # unreliable band, and its columns 0..15 leave the frame.
     flow, unreliable = compose(backward[1], occluded_backward[1], backward[0], occluded_backward[0])
-    assert np.allclose(flow[0], -16) and np.allclose(flow[1], 0)
+    # Sums of two bilinear samples of constant -8 px fields: a few roundings of 16 px (measured: exact).
+    rounding = 4 * np.finfo(np.float32).eps * 16
+    assert np.abs(flow[0] + 16).max() <= rounding and np.abs(flow[1]).max() <= rounding
     assert unreliable[:, 48:56].all() and unreliable[:, :16].all() and not unreliable[:, 16:48].any()
     assert not unreliable[:, 56:].any()
     maps = FlowCorrespondences(fields, (8, 8)).maps({(2, 0), (0, 0), (0, 3), (1, 0)})
@@ -244,20 +250,8 @@ def translated_frames() -> np.ndarray:
 
 def propagation_trace(pipe, frames: np.ndarray, correspondences=None) -> torch.Tensor:
     """Matched keyframe-0 tokens of frames 1 and 2 in the first self-attention layer, one editing step."""
-    from vfx.diffusion.text import encode_prompt
-    from vfx.diffusion.tokenflow import Embeddings, StepIO, TokenFlowEditor
-    from vfx.stages.encode import encode_frames
-
-    latents = encode_frames(pipe.vae, frames, torch.device("cpu"), 8)
-    out = np.zeros_like(latents)
-    emb = encode_prompt(pipe, "")
     trace = {}
-    editor = TokenFlowEditor(pipe.unet, Schedule.from_pipeline(pipe), Embeddings(emb, emb, emb), 7.5,
-                             "distance", len(frames), torch.device("cpu"), correspondences=correspondences, trace=trace)
-    io = StepIO(lambda s, e: latents[s:e], lambda idx: latents[idx], lambda s, e: latents[s:e],
-                lambda idx: latents[idx], lambda s, e, a: out.__setitem__(slice(s, e), a))
-    with editor.hooked():
-        editor.step(io, len(frames), len(frames), [0], 501, 401)
+    edit_step(pipe, frames, [0], trace, correspondences)
     return trace[FIRST_LAYER][0]  # [2, 256]
 
 

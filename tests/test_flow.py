@@ -43,12 +43,14 @@ def test_warp_samples_the_image_at_x_plus_flow():
     out = F.warp(image, flow)
     assert np.array_equal(out[:3, :5], image[2:, 1:])
     flow[0], flow[1] = 0.5, 0.0  # half a pixel: the mean of two neighbours
-    assert np.allclose(F.warp(image, flow)[:, :5], (image[:, :5] + image[:, 1:]) / 2)
+    # Weights 1/2 are exact in binary: a product and a sum round, k = 4 eps of the image's scale (measured: exact).
+    rounding = 4 * np.finfo(np.float32).eps * image.max()
+    assert np.abs(F.warp(image, flow)[:, :5] - (image[:, :5] + image[:, 1:]) / 2).max() <= rounding
     grey = image[..., 0]
     assert F.warp(grey, flow).shape == grey.shape
     features = np.random.default_rng(0).random((5, 6, 70)).astype(np.float32)  # more channels than cv2 takes at once
     flow[0] = 1.0
-    assert np.allclose(F.warp(features, flow)[:, :5], features[:, 1:])
+    assert np.abs(F.warp(features, flow)[:, :5] - features[:, 1:]).max() <= 4 * np.finfo(np.float32).eps  # values < 1
 
 
 def test_occlusion_rule_by_hand():
@@ -116,7 +118,6 @@ def test_moving_occluder_is_marked_occluded(tmp_path):
 # ---------------------------------------------------------------- the stage contract
 
 
-@pytest.mark.slow
 def test_shards_in_parallel_equal_one_process(project, gen_video, tmp_path):
     ok("extract", project)  # 12 frames, chunks of 4: 11 pairs in 3 units
     single = tmp_path / "single"

@@ -45,8 +45,12 @@ def test_trajectory_matches_diffusers_ddim_inverse_scheduler(small):
         for t in inverse.timesteps:
             x = inverse.step(pipe.unet(x, t, encoder_hidden_states=embedding).sample, t, x).prev_sample
             reference[int(t)] = x.numpy()
+    # The same DDIM arithmetic in another operation order: float rounding only, carried through 20 UNet
+    # steps. Measured at most 6.3 float32 eps of the latents' scale (tiny and tiny-v), so k = 64; the
+    # fixed rtol=atol=1e-4 it replaces allowed about 1000.
     for index, t in enumerate(saved):
-        np.testing.assert_allclose(trajectory[index], reference[t], rtol=1e-4, atol=1e-4)
+        rounding = 64 * np.finfo(np.float32).eps * np.abs(reference[t]).max()
+        assert np.abs(trajectory[index] - reference[t]).max() <= rounding, t
 
 
 def latent_rmse(root, steps: int) -> float:
@@ -112,4 +116,7 @@ def test_v_and_epsilon_read_from_the_scheduler_config():
         sample = schedule.move(x0, eps, alpha)
         output = {"epsilon": eps, "v_prediction": alpha**0.5 * eps - (1 - alpha) ** 0.5 * x0, "sample": x0}[prediction]
         got_x0, got_eps = schedule.split(output, sample, alpha)
-        assert torch.allclose(got_x0, x0, atol=1e-5) and torch.allclose(got_eps, eps, atol=1e-5)
+        # split undoes move: a few multiply-adds each, with coefficients up to 1/sqrt(alpha) ~ 1.9 at t=500;
+        # k = 8 eps of the inputs' scale (measured: at most 1.3 over 20 seeds).
+        rounding = 8 * torch.finfo(torch.float32).eps * max(float(x0.abs().max()), float(eps.abs().max()))
+        assert float((got_x0 - x0).abs().max()) <= rounding and float((got_eps - eps).abs().max()) <= rounding

@@ -10,7 +10,7 @@ import av
 import numpy as np
 import zarr
 
-from conftest import SHARED_VIDEO, invoke, require_shared, run_cli
+from conftest import SHARED_VIDEO, invoke, ok, require_shared, run_cli, status_rows
 
 
 def record(root: Path, folder: str) -> dict:
@@ -83,8 +83,7 @@ def test_second_run_is_a_no_op_then_stale_then_force(encoded):
 
     # A changed upstream (frames re-extracted at another size) makes latents stale.
     assert invoke("extract", encoded, "--size", "32x32").exit_code == 0
-    states = {s["folder"]: s["state"] for s in json.loads(invoke("status", encoded, "--json").stdout)["stages"]}
-    assert states["latents"] == "stale"
+    assert status_rows(encoded)["latents"]["state"] == "stale"
     result = invoke("encode", encoded, "--json")
     assert json.loads(result.stdout)["computed_units"] == 3
     assert zarr.open_array(str(encoded / "latents" / "latents.zarr")).shape == (12, 4, 4, 4)
@@ -97,15 +96,16 @@ def test_second_run_is_a_no_op_then_stale_then_force(encoded):
 
 
 def test_status_reports_missing_partial_complete(project):
-    rows = {s["folder"]: s for s in json.loads(invoke("status", project, "--json").stdout)["stages"]}
+    rows = status_rows(project)
     assert rows["frames"]["state"] == "missing" and "vfx extract" in rows["frames"]["hint"]
-    assert invoke("extract", project).exit_code == 0
-    assert invoke("encode", project, "--shard", "0/3").exit_code == 0
-    rows = {s["folder"]: s for s in json.loads(invoke("status", project, "--json").stdout)["stages"]}
+    ok("extract", project)
+    ok("encode", project, "--shard", "0/3")
+    rows = status_rows(project)
     assert rows["frames"]["state"] == "complete"
     assert rows["latents"]["state"] == "partial" and (rows["latents"]["done"], rows["latents"]["units"]) == (1, 3)
-    text = invoke("status", project).stdout
-    assert "partial" in text and "1/3" in text
+    # The table shows the same row: folder, stage, state, chunks.
+    table = {line.split()[0]: line.split() for line in invoke("status", project).stdout.splitlines() if line.split()}
+    assert table["latents"][1:4] == ["encode", "partial", "1/3"]
 
 
 def test_inspect_and_preview(encoded, tmp_path):

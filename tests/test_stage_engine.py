@@ -38,7 +38,6 @@ def test_bad_shard_specs(spec):
         Shard.parse(spec, {})
 
 
-@pytest.mark.slow
 def test_concurrent_shards_equal_one_process(encoded, tmp_path):
     sharded = copy_project(encoded, tmp_path / "sharded", ("frames",))
     procs = [

@@ -24,9 +24,12 @@ import shutil
 import time
 from pathlib import Path
 
-from vfx import graph, log
+from vfx import graph, locks, log
 from vfx.fsutil import replace_path, restore_aside
-from vfx.stage import Part, StageRun, parts_checksum, refuse_links
+from vfx.errors import VfxError
+from vfx.stage import (
+    NonFinite, Part, StageRun, check_upstreams_unchanged, file_parts, parts_checksum, refuse_links,
+)
 
 
 class Stage:
@@ -66,23 +69,43 @@ class Stage:
         return contextlib.nullcontext()
 
     def mark(self, unit: int, parts: list[Part], seconds: float) -> None:
-        self.run.mark_done(unit, parts_checksum(self.run.path, parts), seconds, parts=parts)
+        self.run.mark_done(unit, checked_checksum(self, unit, parts), seconds, parts=parts)
 
     def finish(self) -> bool:
         return self.run.finish(self.finalize)
 
 
+def checked_checksum(stage: Stage, unit: int, parts: list[Part]) -> str:
+    """The checksum of a unit's stored bytes; a unit that stored NaN or inf stops the stage unmarked."""
+    try:
+        return parts_checksum(stage.run.path, parts, require_finite=True)
+    except NonFinite as exc:
+        what = "step" if stage.unit_name == "steps" else "unit"
+        raise VfxError(f"{stage.label}: {what} {unit} produced non-finite values ({exc}); nothing of it was "
+                       "marked done — check the options (guidance, scales) and the inputs") from None
+
+
 def drive(stage: Stage) -> dict:
     """Run `stage` under the contract; returns its result document."""
+    try:
+        return _drive(stage)
+    finally:
+        locks.release_all()  # the upstream folders held steady since the stage's upstream checks
+
+
+def _drive(stage: Stage) -> dict:
     run = stage.run
     if run.up_to_date():
         log.info(f"{stage.label}: up to date ({run.path}); pass --force to recompute")
         return outcome(run, True, 0, {"up_to_date": True, **stage.report(_summary(run))})
     stage.prepare()
+    refuse_links(run.path)
+    run.hold_run()
     if isinstance(stage, SingleUnitStage):
         return build_aside(stage)
     pending = stage.pending()
     computed = run_units(stage, pending)
+    check_upstreams_unchanged()
     complete = stage.finish()
     return outcome(run, complete, computed, {"up_to_date": False, **stage.report(_summary(run) if complete else {})})
 
@@ -134,8 +157,10 @@ class SingleUnitStage(Stage):
         return {}
 
     def complete(self, summary: dict, started: float, swap_in) -> None:
-        """Record the stage complete, swapping the built artifacts in under a running record."""
-        self.run.complete_single(summary, started, swap_in)
+        """Record the stage complete, swapping the built artifacts in under a running record; every file
+        of the artifacts is checksummed into the marker of unit 0 (`vfx status --verify` checks it)."""
+        artifacts = [artifact.path for artifact in graph.spec(self.run.stage).artifacts]
+        self.run.complete_single(summary, started, swap_in, lambda: file_parts(self.run.path, artifacts))
 
 
 def build_aside(stage: SingleUnitStage) -> dict:
@@ -153,6 +178,7 @@ def build_aside(stage: SingleUnitStage) -> dict:
     began = time.time()
     try:
         summary = stage.build(scratch)
+        check_upstreams_unchanged()
         if summary is None:
             return outcome(run, False, 1, {"up_to_date": False, **stage.partial_report()})
 

@@ -47,6 +47,23 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def regular_file(path: Path, what: str) -> Path:
+    """`path` if it is a regular file; a FIFO, device or socket is refused before anything reads it
+    (reading a FIFO would wait forever)."""
+    import stat
+
+    from vfx.errors import BadInput
+
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise BadInput(f"{what} {path}: no such file") from None
+    if not stat.S_ISREG(mode):
+        raise BadInput(f"{what} {path} is not a regular file (a FIFO, device or socket?); give a file")
+    return path
+
+
 def read_json(path: Path) -> Any | None:
     """The JSON in `path`, or None when it is missing or unreadable (a torn write)."""
     try:

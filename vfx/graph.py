@@ -103,6 +103,19 @@ def artifact_key(folder: str, artifact: str) -> str:
     return folder if artifact == WHOLE else f"{folder}/{artifact}"
 
 
+def stage_of_folder(rel: str) -> tuple[str, str | None] | None:
+    """(stage, name) of the stage whose folder is `rel` (relative to the project), or None."""
+    parts = rel.split("/")
+    for row in STAGES.values():
+        template = row.folder.split("/")
+        if len(template) != len(parts):
+            continue
+        names = [p for t, p in zip(template, parts) if t == "{name}"]
+        if all(t == p for t, p in zip(template, parts) if t != "{name}"):
+            return row.stage, names[0] if names else None
+    return None
+
+
 def owner_of(key: str, folders: list[str]) -> tuple[str, str] | None:
     """(folder, artifact) of an input key among known stage folders (the longest folder that holds it)."""
     for folder in sorted(folders, key=len, reverse=True):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from vfx.errors import BadInput
+from vfx.fsutil import read_json
 from vfx.stage import RECORD
 from vfx.store import describe, open_array
 
@@ -26,14 +26,20 @@ def inspect_path(path: Path) -> dict:
         raise BadInput(f"{path}: no such file or folder")
     result: dict = {"path": str(path)}
     if path.is_dir() and (path / RECORD).is_file():
-        result["record"] = json.loads((path / RECORD).read_text())
+        result["record"] = read_json(path / RECORD)
+        if result["record"] is None:
+            raise BadInput(f"{path / RECORD} is not readable JSON (a torn write?); rerun the stage that made it")
     arrays = find_arrays(path) if path.is_dir() else []
     if path.is_file() and path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), "np") as handle:
-            result["tensors"] = {k: {"shape": list(handle.get_slice(k).get_shape()), "dtype": handle.get_slice(k).get_dtype()} for k in handle.keys()}
-            result["metadata"] = handle.metadata()
+        try:
+            with safe_open(str(path), "np") as handle:
+                result["tensors"] = {k: {"shape": list(handle.get_slice(k).get_shape()),
+                                         "dtype": handle.get_slice(k).get_dtype()} for k in handle.keys()}
+                result["metadata"] = handle.metadata()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BadInput(f"{path} is not a readable safetensors file: {exc}") from None
         return result
     if not arrays and "record" not in result:
         raise BadInput(f"{path} is not a vfx artifact (no Zarr array, stage record or safetensors file)")

@@ -7,6 +7,7 @@ multiple of 8. Output sizes are always multiples of 8 (the VAE's downsampling fa
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vfx.errors import BadInput
+from vfx.fsutil import regular_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MAX_SIDE = 4096  # largest output side accepted; beyond it SD's attention does not fit anyway
@@ -95,8 +97,8 @@ class Selection:
     def validate(self) -> None:
         if self.stride < 1:
             raise BadInput(f"invalid --stride {self.stride}: must be at least 1")
-        if self.fps is not None and self.fps <= 0:
-            raise BadInput(f"invalid --fps {self.fps}: must be positive")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise BadInput(f"invalid --fps {self.fps}: must be a positive number")
         if self.fps is not None and self.stride != 1:
             raise BadInput("--fps and --stride cannot be combined; pick one")
         if self.max_frames < 0:
@@ -169,6 +171,7 @@ def image_files(folder: Path) -> list[Path]:
 
 def read_image(path: Path) -> np.ndarray:
     """An RGB uint8 array from any image mode Pillow reads (palette, grey, alpha, 16-bit)."""
+    regular_file(path, "image")
     try:
         with Image.open(path) as image:
             image.load()
@@ -177,6 +180,8 @@ def read_image(path: Path) -> np.ndarray:
                 array = (array / max(array.max(), 1) * 255).astype(np.uint8)
                 return np.ascontiguousarray(np.stack([array] * 3, axis=-1))
             return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    except Image.DecompressionBombError:
+        raise BadInput(f"{path} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise BadInput(f"{path} is not a readable image: {exc}") from None
 
@@ -192,6 +197,7 @@ def probe(path: Path) -> SourceInfo:
             raise BadInput(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         first = read_image(files[0])
         return SourceInfo(str(path), "images", first.shape[1], first.shape[0], FOLDER_FPS, len(files), False)
+    regular_file(path, "video")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:

@@ -291,9 +291,12 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model
             _warned_tiny = True
         pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir(ref.location), local_files_only=True)
     elif ref.kind in {"folder", "hub"}:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            ref.location, local_files_only=True, safety_checker=None, requires_safety_checker=False
-        )
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                ref.location, local_files_only=True, safety_checker=None, requires_safety_checker=False
+            )
+        except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a folder it cannot read
+            raise BadInput(f"could not load the model at {ref.location}: {type(exc).__name__}: {exc}") from None
     else:
         kwargs = {"local_files_only": True}
         if model_config:

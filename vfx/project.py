@@ -25,6 +25,20 @@ DEFAULTS: dict[str, Any] = {
     "prompt": "",  # the inversion / source prompt
 }
 
+# The type and range of each vfx.toml key ("video" has no default: `vfx init --video` sets it).
+SCHEMA: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "model": (str, None),
+    "size": (str, None),
+    "max_frames": (int, lambda v: v >= 0),
+    "chunk_frames": (int, lambda v: v >= 1),
+    "seed": (int, lambda v: v >= 0),
+    "device": (str, None),
+    "dtype": (str, None),
+    "prompt": (str, None),
+    "video": (str, None),
+}
+RANGES = {"max_frames": "0 (all) or more", "chunk_frames": "at least 1", "seed": "0 or more"}
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 
 
@@ -53,6 +67,30 @@ def _toml_value(value: Any) -> str:
     return f'"{text}"'
 
 
+def checked_config(data: dict, path: Path) -> dict[str, Any]:
+    """The [project] table of vfx.toml, each value checked against SCHEMA; an unknown key is warned
+    about with the nearest known one, and ignored."""
+    import difflib
+
+    from vfx import log
+
+    table = data.get("project", {})
+    if not isinstance(table, dict):
+        raise BadInput(f"{path}: [project] must be a table of key = value lines")
+    checked = {}
+    for key, value in table.items():
+        if key not in SCHEMA:
+            near = difflib.get_close_matches(key, list(SCHEMA), n=1)
+            log.warn(f"{path}: unknown key {key!r} ignored" + (f"; did you mean {near[0]!r}?" if near else ""))
+            continue
+        kind, valid = SCHEMA[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (valid is not None and not valid(value)):
+            expected = kind.__name__ + (f", {RANGES[key]}" if key in RANGES else "")
+            raise BadInput(f"{path}: {key} = {value!r} is invalid: expected {expected}")
+        checked[key] = value
+    return checked
+
+
 @dataclass
 class Project:
     root: Path
@@ -71,7 +109,7 @@ class Project:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise BadInput(f"{path} is not valid TOML: {exc}") from None
         config = dict(DEFAULTS)
-        config.update(data.get("project", {}))
+        config.update(checked_config(data, path))
         return cls(root.resolve(), config)
 
     @classmethod

@@ -13,6 +13,7 @@ stage recomputes exactly the damaged units.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,8 +27,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 import vfx
-from vfx import graph
-from vfx.errors import BadInput, MissingStage
+from vfx import graph, locks
+from vfx.errors import BadInput, MissingStage, VfxError
 from vfx.fsutil import atomic_write_json, file_lock, read_json
 
 RECORD = "stage.json"
@@ -119,13 +120,25 @@ class Part:
         return np.asarray(open_array(folder / self.path)[index])
 
 
-def parts_checksum(folder: Path, parts: Iterable[Part]) -> str:
-    """SHA-256 over the stored bytes of `parts`, in order."""
+def parts_checksum(folder: Path, parts: Iterable[Part], require_finite: bool = False) -> str:
+    """SHA-256 over the stored bytes of `parts`, in order. With `require_finite`, a float part holding
+    NaN or inf raises NonFinite: such data never becomes part of a complete artifact."""
     digest = hashlib.sha256()
     for part in parts:
         data = part.read(folder)
+        if require_finite and not isinstance(data, bytes) and data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise NonFinite(part)
         digest.update(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes())
     return digest.hexdigest()
+
+
+class NonFinite(VfxError):
+    """A unit stored NaN or inf (exit 1): the stage stops before marking it done."""
+
+    def __init__(self, part: Part):
+        rows = f" rows {part.start}-{part.end}" if part.start is not None else ""
+        super().__init__(f"{part.path}{rows} holds NaN or inf values")
+        self.part = part
 
 
 # ---------------------------------------------------------------- records
@@ -202,12 +215,27 @@ def upstream(project, stage: str, artifact: str, name: str | None = None) -> Ups
     row = graph.spec(stage)
     rel = row.folder_for(name)
     folder = project.path(*rel.split("/"))
+    label = f"{stage} {name or row.default_name}" if row.named else stage
+    if not folder.is_dir():
+        raise MissingStage(label, row.command_for(project.root, name))
+    # Held shared until this command ends, so no other vfx process rewrites the artifact meanwhile.
+    lock = locks.hold(folder, exclusive=False, purpose=f"reading {rel}")
     record = read_json(folder / RECORD)
     artifact_print = record.get("artifacts", {}).get(artifact) if is_complete(record) else None
     if artifact_print is None:
-        label = f"{stage} {name or row.default_name}" if row.named else stage
         raise MissingStage(label, row.command_for(project.root, name))
+    lock.expected[artifact] = artifact_print
     return Upstream(graph.artifact_key(rel, artifact), artifact_print, record, folder)
+
+
+def check_upstreams_unchanged() -> None:
+    """Every upstream artifact this command read still has the fingerprint it started from."""
+    for lock in locks.held():
+        record = read_json(lock.what / RECORD) if lock.expected else None
+        for artifact, expected in lock.expected.items():
+            now = record.get("artifacts", {}).get(artifact) if is_complete(record) else None
+            if now != expected:
+                raise VfxError(f"{lock.what / artifact} changed while this stage read it; rerun the command")
 
 
 def artifact_fingerprints(stage: str, params: dict, inputs: dict, units: int) -> dict[str, str]:
@@ -253,6 +281,22 @@ class StageRun:
     def _lock(self):
         return file_lock(self.path / LOCK)
 
+    @contextlib.contextmanager
+    def rewriting(self):
+        """Exclusive use of this folder while its artifacts are started over: refused (exit 75) while
+        another vfx process reads them."""
+        lock = locks.hold(self.path, exclusive=True, purpose=f"rewriting {self.path.name}")
+        try:
+            yield
+        finally:
+            locks.release(lock)
+
+    def hold_run(self) -> None:
+        """One run of this stage at a time; shards of one job array (or ranks of one launch) together."""
+        together = self.shard.count > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        locks.hold(self.path, exclusive=not together, purpose=f"this {self.stage} run", run=True)
+
     def up_to_date(self) -> bool:
         """Not forced, complete with this fingerprint, and this shard's units read back intact
         (cheapest first: the record, then the stored bytes)."""
@@ -286,17 +330,20 @@ class StageRun:
             mine = self.shard.units(self.units)
             if not rec or rec.get("fingerprint") != self.fingerprint or (self.force and self.shard.count == 1):
                 # New, stale, or forced for the whole stage: start the artifact over.
-                shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
-                create()
-                atomic_write_json(self.folder.record_path, self._new_record())
+                with self.rewriting():
+                    shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
+                    create()
+                    atomic_write_json(self.folder.record_path, self._new_record())
             else:
                 # Forced: redo this shard's units. Otherwise redo only the damaged ones.
                 redo = list(mine) if self.force else self.folder.damaged_units(mine)
-                for unit in redo:
-                    self.folder.marker(unit).unlink(missing_ok=True)
-                if redo and is_complete(rec):
-                    rec.update(state="running", started=now(), started_unix=time.time())
-                    atomic_write_json(self.folder.record_path, rec)
+                if redo:
+                    with self.rewriting():
+                        for unit in redo:
+                            self.folder.marker(unit).unlink(missing_ok=True)
+                        if is_complete(rec):
+                            rec.update(state="running", started=now(), started_unix=time.time())
+                            atomic_write_json(self.folder.record_path, rec)
             done = self.folder.done_units()
         return [unit for unit in mine if unit not in done]
 
@@ -329,14 +376,17 @@ class StageRun:
             return True
 
     def complete_single(self, summary: dict | None = None, started: float | None = None,
-                        swap_in: Callable[[], None] | None = None) -> None:
+                        swap_in: Callable[[], None] | None = None,
+                        parts: Callable[[], list[Part]] | None = None) -> None:
         """Record a single-unit stage (built aside) as complete. `swap_in` moves the new artifact into
-        place while the record says running, so a crash mid-swap never leaves a stale "complete"."""
+        place while the record says running, so a crash mid-swap never leaves a stale "complete";
+        `parts` (what the unit stored, once swapped in) are checksummed into unit 0's marker."""
         with self._lock():
             rec = self._new_record()
             if swap_in is not None:
-                atomic_write_json(self.folder.record_path, rec)
-                swap_in()
+                with self.rewriting():
+                    atomic_write_json(self.folder.record_path, rec)
+                    swap_in()
             finished = time.time()
             started = started or finished
             rec.update(
@@ -348,7 +398,25 @@ class StageRun:
                 summary=summary or {},
             )
             shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
+            if parts is not None:
+                stored = parts()
+                self.mark_done(0, parts_checksum(self.path, stored), parts=stored)
             atomic_write_json(self.folder.record_path, rec)
+
+
+def file_parts(folder: Path, paths: Iterable[str]) -> list[Part]:
+    """Every regular file of `paths` (files or folders, relative to `folder`; "." the whole folder) as a
+    whole-file Part, leaving out the stage's own bookkeeping (record, markers, locks)."""
+    found = []
+    for rel in paths:
+        top = Path(folder) / rel
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
+        for path in files:
+            name = str(path.relative_to(folder))
+            if path.name == RECORD or path.suffix == ".lock" or name.split("/")[0] == DONE_DIR:
+                continue
+            found.append(Part(name))
+    return found
 
 
 def refuse_links(folder: Path) -> None:

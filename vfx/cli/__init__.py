@@ -39,6 +39,7 @@ def _global(
 ) -> None:
     """Global options."""
     DEBUG["on"] = DEBUG["on"] or debug
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # vfx downloads nothing; a user's own setting wins
     # Under torchrun or accelerate, one process speaks: rank 0's messages and progress are everyone's.
     secondary = os.environ.get("RANK", "0") not in {"", "0"}
     log.set_quiet(quiet or log.quiet_from_env() or secondary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import os
 import sys
 import traceback
@@ -60,17 +61,25 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
     """Register a command whose user errors print one line and exit with their code."""
 
     def decorate(func: Callable) -> Callable:
+        def run(args, kw):
+            from vfx import locks
+
+            try:
+                check_arguments(kw)
+                return func(*args, **kw)
+            finally:
+                locks.release_all()  # the upstream folders this command held steady
+
         @functools.wraps(func)
         def wrapper(*args, **kw):
             try:
-                check_text_args(kw)
-                return func(*args, **kw)
+                return run(args, kw)
             except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
                 raise
             except VfxError as exc:
                 if DEBUG["on"]:
                     traceback.print_exc()
-                log.error(str(exc))
+                log.error(one_line(str(exc)))
                 raise typer.Exit(exc.exit_code) from None
             except KeyboardInterrupt:
                 log.error("interrupted; rerun the same command to resume")
@@ -94,7 +103,7 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
                     raise typer.Exit(EXIT_TEMPFAIL) from None
                 if DEBUG["on"]:
                     traceback.print_exc()
-                log.error(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+                log.error(f"{type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for the traceback)")
                 raise typer.Exit(EXIT_FAILURE) from None
 
         app.command(name, **kwargs)(wrapper)
@@ -103,20 +112,31 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
     return decorate
 
 
-def check_text_args(kw: dict[str, Any]) -> None:
-    """Refuse text arguments that are not valid UTF-8 (Python carries such argv bytes as lone surrogates).
-
-    Paths are exempt: a file name may legally hold any bytes.
-    """
+def check_arguments(kw: dict[str, Any]) -> None:
+    """Refuse, for every command alike: text that is not valid UTF-8 (Python carries such argv bytes as
+    lone surrogates; paths are exempt, a file name may hold any bytes), numbers that are NaN or
+    infinite, and negative seeds."""
     from vfx.errors import BadInput
 
     for name, value in kw.items():
-        for text in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(text, str):
+        flag = f"--{name.replace('_', '-')}"
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str):
                 try:
-                    text.encode("utf-8")
+                    item.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise BadInput(f"--{name.replace('_', '-')} is not valid UTF-8 text") from None
+                    raise BadInput(f"{flag} is not valid UTF-8 text") from None
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise BadInput(f"invalid {flag} {item}: must be a finite number")
+        if name == "seed" and isinstance(value, int) and value < 0:
+            raise BadInput(f"invalid --seed {value}: seeds are 0 or more")
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """An error message as one line: its first line, cut at `limit` characters (--debug shows it all)."""
+    lines = text.strip().splitlines() or [""]
+    line = lines[0] + (" …" if len(lines) > 1 else "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _is_oom(exc: Exception) -> bool:

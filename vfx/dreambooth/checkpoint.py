@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vfx.errors import BadInput
@@ -191,7 +192,7 @@ def load(
         opt_tensors = load_file(str(folder / OPTIMIZER))
         rng_tensors = load_file(str(folder / f"rng-{rank}.safetensors"))
         rng_values = json.loads((folder / f"rng-{rank}.json").read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise BadInput(f"{folder} is not a readable training checkpoint: {exc}") from None
     if set(weights) != set(parameters):
         missing = sorted(set(parameters) - set(weights))[:3]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vfx import log
 from vfx.errors import BadInput
-from vfx.fsutil import atomic_write_json, read_json
+from vfx.fsutil import atomic_write_json, read_json, regular_file
 from vfx.models import resolve_model
 from vfx.diffusion.lora import apply_lora, lora_file, lora_identity
 from vfx.driver import Stage, drive
@@ -28,6 +28,7 @@ GRID = "grid.png"
 
 def read_prompts_file(path: Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are skipped."""
+    regular_file(path, "--prompts-file")
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:

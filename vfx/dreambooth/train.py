@@ -25,7 +25,7 @@ from vfx.media import read_image
 from vfx.models import load_pipeline
 from vfx.driver import SingleUnitStage, drive
 from vfx.settings import Settings
-from vfx.stage import StageRun, upstream
+from vfx.stage import StageRun, refuse_links, upstream
 from vfx.dreambooth import checkpoint
 from vfx.dreambooth.config import PRECISIONS, TrainConfig
 from vfx.dreambooth.data import (
@@ -196,6 +196,7 @@ class Train(SingleUnitStage):
 
     def prepare(self) -> None:
         """Read and check every input, decide where to resume, and set the training up."""
+        refuse_links(self.run_dir)  # checkpoints/, validation/ and weights/ are written below it
         instance_arrays = read_images(self.instance_files)
         if self.prior:
             check_images(self.prior.files)
@@ -258,8 +259,7 @@ class Trainer:
         self.set_up_model()
         self.set_up_optimizer()
         self.set_up_data(instance_arrays)
-        self.step = self.restore() if resume_from else self.start_fresh()
-        self.metrics = Metrics(self.run_dir / METRICS, self.main, self.step if resume_from else None)
+        self.step = self.restore() if resume_from else 0
         self.raw_unet = self.accelerator.unwrap_model(self.unet)
         self.raw_text = self.accelerator.unwrap_model(self.text_encoder)
         self.last: dict = {}
@@ -331,13 +331,12 @@ class Trainer:
         log.info(f"train: resumed from {self.resume_from} at step {int(state['step'])}")
         return int(state["step"])
 
-    def start_fresh(self) -> int:
+    def start_fresh(self) -> None:
         """A fresh start (--force, or nothing there): earlier checkpoints and validation images are void."""
         if self.main:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
             shutil.rmtree(self.run_dir / "validation", ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        return 0
 
     def evaluate(self) -> None:
         if self.fixed_eval is not None and self.main:
@@ -364,7 +363,10 @@ class Trainer:
     def loop(self) -> None:
         """Train to --max-steps (or --stop-after steps more), checkpointing and validating on schedule."""
         cfg = self.cfg
+        # metrics.jsonl keeps the lines up to the checkpoint resumed from (the later steps are redone).
+        self.metrics = Metrics(self.run_dir / METRICS, self.main, self.step if self.resume_from else None)
         if not self.resume_from:
+            self.start_fresh()
             self.evaluate()
         self.unet.train()
         if cfg.train_text_encoder:

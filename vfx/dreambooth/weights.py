@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vfx.diffusion.lora import LORA_FILE
-from vfx.errors import MissingStage
+from vfx.errors import BadInput, MissingStage
 from vfx.fsutil import atomic_write_json, read_json
 from vfx.graph import WHOLE, spec
-from vfx.stage import upstream
+from vfx.stage import StageFolder, upstream
 
 INFO_FILE = "dreambooth.json"
 
@@ -73,7 +73,11 @@ def trained_weights(project, name: str) -> TrainedWeights:
     """The run's complete weights, or a MissingStage error naming the command that makes them."""
     found = upstream(project, "train", WHOLE, name)
     info = read_json(found.folder / INFO_FILE)
+    command = spec("train").command_for(project.root, name)
     if not info:
-        raise MissingStage(f"train {name}", spec("train").command_for(project.root, name))
+        raise MissingStage(f"train {name}", command)
+    if StageFolder(found.folder).check_unit(0) == "damaged":
+        raise BadInput(f"{found.folder} is damaged: a weights file no longer matches its checksum from training; "
+                       f"run `{command} --force` to train it again")
     return TrainedWeights(found.folder, info["mode"], info["base_model_spec"], info["base_model"], found.key,
                           found.fingerprint)

@@ -31,7 +31,7 @@ from vfx.diffusion.sdedit import fresh_noise, start_index
 from vfx.diffusion.text import encode_prompt
 from vfx.diffusion.tokenflow import Embeddings, StepIO, TokenFlowEditor, draw_keyframes
 from vfx.distributed import Group
-from vfx.driver import Stage, drive
+from vfx.driver import Stage, checked_checksum, drive
 from vfx.errors import BadInput, VfxError
 from vfx.models import load_controlnet, resolve_controlnet
 from vfx.settings import Settings
@@ -300,7 +300,7 @@ class Edit(Stage):
         if not self.group.is_main:
             return
         run = self.run
-        run.mark_done(step, parts_checksum(run.path, parts), seconds, parts=parts, keyframes=self.keyframes)
+        run.mark_done(step, checked_checksum(self, step, parts), seconds, parts=parts, keyframes=self.keyframes)
         before = run.marker(step - 1) if step > 0 else None
         if before and before.get("parts"):
             run.mark_done(step - 1, None, before.get("seconds"), keyframes=before["keyframes"])
