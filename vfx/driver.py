@@ -173,6 +173,7 @@ def build_aside(stage: SingleUnitStage) -> dict:
     refuse_links(folder)
     if whole:
         restore_aside(folder)  # an earlier run died mid-swap: its artifacts come back first
+    remove_dead_scratch(scratch.parent, scratch.name.rsplit("-", 1)[0])
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     began = time.time()
@@ -194,3 +195,17 @@ def build_aside(stage: SingleUnitStage) -> dict:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return outcome(run, True, 1, {"up_to_date": False, **stage.report(summary)})
+
+
+def remove_dead_scratch(parent: Path, prefix: str) -> None:
+    """Scratch folders `PREFIX-PID` left by killed runs (their process is gone); a live run's stay."""
+    for path in parent.glob(f"{prefix}-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
