@@ -57,14 +57,10 @@ class StageSpec:
         template = self.default_command if name == self.default_name and self.default_command else self.command
         return template.format(dir=root, name=name)
 
-    def artifact(self, path: str) -> Artifact:
-        for artifact in self.artifacts:
-            if artifact.path == path:
-                return artifact
-        raise KeyError(f"{self.stage} has no artifact {path!r}")
 
 
-_FLOW = tuple(Artifact(f"{name}.zarr") for name in ("forward", "backward", "occlusion_forward", "occlusion_backward"))
+FLOW_ARRAYS = ("forward", "backward", "occlusion_forward", "occlusion_backward")  # flow/NAME.zarr
+_FLOW = tuple(Artifact(f"{name}.zarr") for name in FLOW_ARRAYS)
 
 STAGES: dict[str, StageSpec] = {spec.stage: spec for spec in (
     StageSpec("extract", "frames", "vfx extract {dir} --video FILE", (Artifact("frames.zarr"),), unit="single"),

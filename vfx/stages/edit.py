@@ -32,6 +32,7 @@ from vfx.diffusion.text import encode_prompt
 from vfx.diffusion.tokenflow import Embeddings, StepIO, TokenFlowEditor, draw_keyframes
 from vfx.distributed import Group
 from vfx.driver import Stage, checked_checksum, drive
+from vfx.graph import FLOW_ARRAYS
 from vfx.errors import BadInput, VfxError
 from vfx.models import load_controlnet, resolve_controlnet
 from vfx.settings import Settings
@@ -39,7 +40,6 @@ from vfx.stage import DONE_DIR, Part, StageRun, parts_checksum, upstream
 from vfx.stages.edit_config import EditConfig
 from vfx.store import chunk_ranges, create_array, open_array
 
-FLOW_ARRAYS = ("forward", "backward", "occlusion_forward", "occlusion_backward")
 FINAL = "latents.zarr"
 BUFFERS = ("work-0.zarr", "work-1.zarr")
 

@@ -13,12 +13,13 @@ import numpy as np
 from vfx import opticalflow as F
 from vfx.errors import BadInput
 from vfx.project import Project
+from vfx import graph
 from vfx.driver import Stage, drive
 from vfx.stage import Part, Shard, StageRun, upstream
 from vfx.store import chunk_ranges, create_array, open_array
 
 FOLDER = "flow"
-ARRAYS = ("forward", "backward", "occlusion_forward", "occlusion_backward")
+ARRAYS = graph.FLOW_ARRAYS
 
 
 class Flow(Stage):
