@@ -8,8 +8,11 @@ SHARED_VIDEO ?= ../shared/data/videos/woman-running.mp4
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# An older stack (diffusers 0.3x, transformers 4.x) that exported weights must load in.
+COMPAT_VENV ?= .venv-compat
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,9 +22,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(COMPAT_STAMP): tests/compat/requirements.txt
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q $(TORCH)
+	$(COMPAT_VENV)/bin/python -m pip install -q -r tests/compat/requirements.txt
+	touch $(COMPAT_STAMP)
+
+## Debian's chromium for the report's browser test (installed when missing and apt is usable).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "note: chromium could not be installed; the report's browser test will be skipped"
+
 ## Run the whole test suite, slow campaigns included (CI runs this); only GPU tests are left out.
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not gpu"
+test: $(STAMP) $(COMPAT_STAMP) browser
+	VFX_COMPAT_PYTHON=$(abspath $(COMPAT_VENV))/bin/python $(BIN)/python -m pytest -q -m "not gpu"
 
 ## The quick loop: leaves out the slow campaigns (kill/resume, concurrent shards, SLURM pipelines,
 ## hypothesis, torchrun) too.
@@ -36,4 +50,4 @@ bench: $(STAMP)
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf $(DEMO_DIR) .pytest_cache $(COMPAT_VENV)

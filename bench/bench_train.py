@@ -1,7 +1,9 @@
-"""Train step time and peak RSS of `vfx train` on the embedded tiny model: full vs LoRA, with and
-without gradient checkpointing. Each configuration runs in its own process, so its peak RSS is its own
+"""Train step time, peak RSS and checkpoint size of `vfx train` on the embedded tiny model: full vs LoRA,
+plain, with gradient checkpointing, with 4 micro-batches of gradient accumulation, and with 8-bit AdamW
+(when bitsandbytes is installed). Each configuration runs in its own process, so its peak RSS is its own
 (os.wait4 reports the child's maximum resident set). Step time is the median `step_seconds` that the
-training loop logs to metrics.jsonl, after the first steps (warm-up) are dropped.
+training loop logs to metrics.jsonl (one optimizer step: all its micro-batches), after the first steps
+(warm-up) are dropped. Checkpoint size is the last checkpoint folder's files.
 
     python bench/bench_train.py [--resolution 256] [--steps 8] [--threads 1]
 
@@ -28,8 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [
     ("full", []),
     ("full + checkpointing", ["--gradient-checkpointing"]),
+    ("full + accumulation 4", ["--gradient-accumulation", "4"]),
+    ("full + adamw8bit", ["--optimizer", "adamw8bit"]),
     ("lora", ["--mode", "lora"]),
     ("lora + checkpointing", ["--mode", "lora", "--gradient-checkpointing"]),
+    ("lora + accumulation 4", ["--mode", "lora", "--gradient-accumulation", "4"]),
+    ("lora + adamw8bit", ["--mode", "lora", "--optimizer", "adamw8bit"]),
 ]
 
 
@@ -52,7 +58,14 @@ def run(root: Path, name: str, extra: list[str], instance: Path, args, env: dict
         raise SystemExit(f"{name} failed:\n{proc.stderr.read()}")
     lines = [json.loads(line) for line in (root / "dreambooth" / name / "metrics.jsonl").read_text().splitlines()]
     times = [m["step_seconds"] for m in lines if "step_seconds" in m][args.warmup :]
-    return {"step_ms": 1000 * statistics.median(times), "peak_rss_mb": usage.ru_maxrss / 1024}
+    saved = root / "dreambooth" / name / "checkpoints" / f"step-{args.steps:06d}"
+    return {"step_ms": 1000 * statistics.median(times), "peak_rss_mb": usage.ru_maxrss / 1024,
+            "checkpoint_mb": sum(f.stat().st_size for f in saved.iterdir()) / 1e6}
+
+
+def has_bitsandbytes(env: dict) -> bool:
+    """Whether the child processes can import bitsandbytes (the optional extra vfx[bnb])."""
+    return subprocess.run([sys.executable, "-c", "import bitsandbytes"], env=env, capture_output=True).returncode == 0
 
 
 def main() -> None:
@@ -69,12 +82,18 @@ def main() -> None:
         root = scratch / "proj"
         subprocess.run([sys.executable, "-m", "vfx", "init", str(root)], env=env, check=True, capture_output=True)
         instance = photos(scratch / "photos")
-        rows = [(label, run(root, f"bench-{i}", extra, instance, args, env)) for i, (label, extra) in enumerate(CONFIGS)]
+        bnb = has_bitsandbytes(env)
+        rows = [(label, run(root, f"bench-{i}", extra, instance, args, env) if bnb or "adamw8bit" not in extra else None)
+                for i, (label, extra) in enumerate(CONFIGS)]
     print(f"vfx train on the tiny model, {args.resolution} px, batch 1, no prior, {args.threads} thread(s), "
           f"median of steps {args.warmup + 1}-{args.steps}")
-    print(f"{'configuration':<24} {'step (ms)':>10} {'peak RSS (MB)':>14}")
+    print("| configuration | step (ms) | peak RSS (MB) | checkpoint (MB) |")
+    print("|---|---|---|---|")
     for label, row in rows:
-        print(f"{label:<24} {row['step_ms']:>10.1f} {row['peak_rss_mb']:>14.0f}")
+        if row is None:
+            print(f"| {label} | bitsandbytes not installed | | |")
+        else:
+            print(f"| {label} | {row['step_ms']:.1f} | {row['peak_rss_mb']:.0f} | {row['checkpoint_mb']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -26,4 +26,5 @@ fi
 "$VFX" decode "$DIR" --edit statue-edges
 "$VFX" eval "$DIR" --edit statue
 "$VFX" status "$DIR"
-echo "edited video: $DIR/decoded/statue/video.mp4" >&2
+"$VFX" report "$DIR"
+echo "edited video: $DIR/decoded/statue/video.mp4; report: $DIR/report/index.html" >&2

@@ -38,9 +38,9 @@ def _rows(command: click.Command) -> list[str]:
 def render() -> str:
     root = typer.main.get_command(app)
     lines = ["# Command reference", "", "Generated from the CLI by `scripts/command_reference.py`; `vfx COMMAND --help` shows the same.", ""]
-    lines += ["Global options (before the command): `--debug` (tracebacks), `-q/--quiet` (no progress or notes), `--version`.", ""]
+    lines += ["Global options (before the command): `--debug` (tracebacks), `-q/--quiet` (no progress or notes; also `VFX_QUIET=1`), `--version`. When stderr is not a terminal, progress is plain lines every `VFX_PROGRESS_INTERVAL` seconds (default 30; docs/cluster.md).", ""]
     for name, command in root.commands.items():
-        subcommands = command.commands.items() if isinstance(command, click.Group) else [(None, command)]
+        subcommands = command.commands.items() if hasattr(command, "commands") else [(None, command)]  # typer may carry its own click
         for sub, cmd in subcommands:
             full = f"vfx {name}" + (f" {sub}" if sub else "")
             lines += [f"## `{full}`", "", (cmd.help or "").strip().split("\n")[0], ""]

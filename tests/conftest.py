@@ -1,10 +1,11 @@
-"""Shared fixtures and helpers: an isolated model cache, generated and real videos, CLI runners,
+"""Shared fixtures and helpers: an isolated model cache, a tiny ViT, generated and real videos, CLI runners,
 project builders, snapshots, the bad-input check and the SIGKILL helper. (DreamBooth-only pieces
 live in dreambooth_helpers.py.)"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 SHARED_VIDEO = SHARED / "videos" / "woman-running.mp4"
 DOG_PHOTOS = SHARED / "dreambooth" / "dog"
+
+# What `vfx` sets for itself before anything of the Hub's is imported (vfx.cli.main); in-process tests
+# import huggingface_hub long before a command runs, so the test process sets it at once, as vfx does.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,6 +49,19 @@ def one_thread():
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory):
+    """A randomly initialised ViT in the DINO layout (AutoModel folder)."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
 
 
 def cli_env(**extra: str) -> dict:
@@ -68,13 +86,26 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: Path |
     return proc
 
 
-def invoke(*args: str):
-    """Run the CLI in-process (fast); returns the click Result."""
-    from typer.testing import CliRunner
+@functools.cache
+def cli_command():
+    """The app's click command, built once: building it takes longer than a command refusing its input."""
+    import typer
 
     from vfx.cli import app
 
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return typer.main.get_command(app)
+
+
+def invoke(*args: str):
+    """Run the CLI in-process (fast); returns the click Result."""
+    from unittest import mock
+
+    from typer import testing
+
+    from vfx.cli import app
+
+    with mock.patch.object(testing, "_get_command", lambda _app: cli_command()):
+        return testing.CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def ok(*args):

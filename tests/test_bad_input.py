@@ -79,8 +79,10 @@ def test_start_past_the_end_selects_nothing(extracted):
 
 
 @pytest.mark.parametrize("model,words", [
-    ("/no/such/model", ["unknown model"]),
+    ("/no/such/model", ["'/no/such/model' not found"]),
+    ("weights/sd15.safetensors", ["not found"]),
     ("someone/not-cached-model", ["not in the local Hugging Face cache"]),
+    ("no such model", ["unknown model"]),
 ])
 def test_unknown_models(extracted, model, words):
     before = snapshot(extracted)

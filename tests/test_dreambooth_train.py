@@ -219,13 +219,18 @@ def test_lora_with_text_encoder_applies_to_both(db):
 
     root, photos, _ = db
     ok(*train_args(root, "lora-te", photos, "--mode", "lora", "--train-text-encoder", "--learning-rate", "1e-2", steps=1))
+    folder = run_dir(root, "lora-te") / "weights"
+    assert all(k.startswith(("unet.", "text_encoder.text_model.")) for k in trained_tensors(root, "lora-te"))
     embeddings = []
-    for scale in (None, 0.0, 1.0):
+    for loader, scale in ((None, None), ("ours", 0.0), ("ours", 1.0), ("diffusers", None)):
         pipe = tiny_pipe()
-        if scale is not None:
-            apply_lora(pipe, run_dir(root, "lora-te") / "weights", scale)
+        if loader == "ours":
+            apply_lora(pipe, folder, scale)
+        elif loader == "diffusers":
+            pipe.load_lora_weights(str(folder))  # diffusers' own loader reads the text-encoder part too
         embeddings.append(pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, False)[0].detach())
-    assert torch.equal(embeddings[0], embeddings[1]) and not torch.equal(embeddings[0], embeddings[2])
+    base, off, on, theirs = embeddings
+    assert torch.equal(base, off) and not torch.equal(base, on) and torch.equal(on, theirs)
 
 
 def test_v_prediction_bf16_checkpointing_and_validation(tmp_path):
@@ -310,3 +315,15 @@ def test_instance_prompt_without_identifier_only_warns(db):
     args[args.index("--instance-prompt") + 1] = CLASS_PROMPT
     result = ok(*args)
     assert any(line.startswith("warning:") and "add an identifier" in line for line in result.output.splitlines())
+
+
+def test_a_run_with_other_options_names_them_and_the_ways_on(db):
+    from conftest import assert_bad, snapshot
+
+    root, photos, _ = db
+    ok(*train_args(root, "changed", photos, "--mode", "lora", "--stop-after", "2", steps=4))
+    before = snapshot(run_dir(root, "changed"))
+    message = assert_bad(invoke(*train_args(root, "changed", photos, "--mode", "lora", "--rank", "8", steps=4)),
+                         "rank: 4 → 8", "--resume latest", "--force")
+    assert "learning_rate" not in message  # only what differs
+    assert snapshot(run_dir(root, "changed")) == before

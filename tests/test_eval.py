@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import image_folder, invoke, ok_json, pan, project_of, run_cli, textured
+from conftest import cli_env, image_folder, invoke, ok_json, pan, project_of, run_cli, textured
 from PIL import Image
 
 from vfx import metrics
@@ -37,18 +37,6 @@ def tiny_clip(tmp_path_factory):
     vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_vit(tmp_path_factory):
-    """A randomly initialised ViT in the DINO layout (AutoModel folder)."""
-    from transformers import ViTConfig, ViTModel
-
-    folder = tmp_path_factory.mktemp("tiny-vit")
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
     return folder
 
 
@@ -269,3 +257,27 @@ def test_bad_inputs_exit_2_with_one_line(project, tiny_vit, tmp_path):
     assert invoke("eval", project, "--inversion").exit_code == 2  # no inversion yet: names vfx invert
     assert not (project / "eval").exists()  # nothing written by any of these
     assert invoke("eval-subject", "--samples", empty, "--real", empty, "--clip", tiny_vit).exit_code == 2
+
+
+def test_clip_and_dino_take_cached_hub_ids_like_model(tmp_path, tiny_clip, tiny_vit):
+    """A Hub id already in the local cache works for --clip/--dino as for --model; one that is not is one line."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    for repo, folder in (("someone/tiny-clip", tiny_clip), ("someone/tiny-vit", tiny_vit)):
+        entry = cache / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(folder, entry / "snapshots" / ("0" * 40))
+        (entry / "refs").mkdir()
+        (entry / "refs" / "main").write_text("0" * 40)
+    env = cli_env(HF_HUB_CACHE=str(cache))  # read when huggingface_hub is imported: a fresh process
+    subject = textured(64, seed=10)
+    samples = image_folder(tmp_path / "samples", [subject, textured(64, seed=11)])
+    real = image_folder(tmp_path / "real", [subject])
+    by_folder = json.loads(invoke("eval-subject", "--samples", samples, "--real", real, "--clip", tiny_clip,
+                                  "--dino", tiny_vit, "--json").stdout)
+    by_id = json.loads(run_cli("eval-subject", "--samples", samples, "--real", real, "--clip", "someone/tiny-clip",
+                               "--dino", "someone/tiny-vit", "--json", env=env).stdout)
+    assert by_id["clip_i"] == by_folder["clip_i"] and by_id["dino"] == by_folder["dino"]
+    missing = run_cli("eval-subject", "--samples", samples, "--real", real, "--clip", "someone/absent", env=env,
+                      check=False)
+    assert missing.returncode == 2 and "not in the local Hugging Face cache" in missing.stderr

@@ -168,6 +168,18 @@ def test_symlinks_are_not_followed_out_of_the_project(base, tmp_path, link):
     assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
 
 
+def test_an_upstream_folder_that_is_a_link_is_not_read_through(base, tmp_path):
+    """Reading takes a lock file in the upstream folder: a linked one (even inside the project) is refused."""
+    root = tmp_path / "proj"
+    shutil.copytree(base, root, symlinks=True)
+    (root / "frames").rename(root / "frames-real")
+    (root / "frames").symlink_to(root / "frames-real", target_is_directory=True)
+    (root / "frames-real" / ".readers.lock").unlink(missing_ok=True)
+    before = snapshot(root)
+    assert_bad(invoke("encode", root, "--force"), "symbolic link")
+    assert snapshot(root) == before and not (root / "frames-real" / ".readers.lock").exists()
+
+
 # ---------------------------------------------------------------- property-based bad input
 # Hypothesis campaigns: each runs the CLI 25 or more times, so they are slow.
 

@@ -120,3 +120,17 @@ def test_v_and_epsilon_read_from_the_scheduler_config():
         # k = 8 eps of the inputs' scale (measured: at most 1.3 over 20 seeds).
         rounding = 8 * torch.finfo(torch.float32).eps * max(float(x0.abs().max()), float(eps.abs().max()))
         assert float((got_x0 - x0).abs().max()) <= rounding and float((got_eps - eps).abs().max()) <= rounding
+
+
+def test_an_empty_inversion_prompt_is_warned_about_at_init_and_invert(tmp_path):
+    from conftest import image_folder, ok, textured
+
+    frames = image_folder(tmp_path / "frames", [textured(64, i) for i in range(2)])
+    warned = ok("init", tmp_path / "p", "--video", frames, "--size", "64x64").stderr
+    assert "inversion prompt is empty" in warned and "correspondences" in warned
+    assert "inversion prompt is empty" not in ok("init", tmp_path / "q", "--prompt", "a dog").stderr
+    ok("extract", tmp_path / "p")
+    ok("encode", tmp_path / "p")
+    assert "inversion prompt is empty" in ok("invert", tmp_path / "p", "--steps", "2", "--save-steps", "2").stderr
+    quiet = ok("invert", tmp_path / "p", "--steps", "2", "--save-steps", "2", "--prompt", "a dog").stderr
+    assert "inversion prompt is empty" not in quiet

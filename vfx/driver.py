@@ -6,7 +6,8 @@ how to create its empty outputs, do one unit, name the parts a unit stored, and 
 does the rest, in this order:
 
 1. `--force`, then the up-to-date check (record first, stored bytes second);
-2. prepare, before anything on disk changes, so a bad model or option loses nothing;
+2. prepare, before anything on disk changes, so a bad model or option loses nothing (and before it,
+   when the run would start over what is there, its upstreams are read back against their checksums);
 3. start: fresh outputs when new, stale or forced; the pending units of this shard;
 4. the unit loop, each unit marked done with a checksum of the bytes it stored;
 5. finish (complete once every unit of every shard is done) and the standard result document.
@@ -98,6 +99,7 @@ def _drive(stage: Stage) -> dict:
     if run.up_to_date():
         log.info(f"{stage.label}: up to date ({run.path}); pass --force to recompute")
         return outcome(run, True, 0, {"up_to_date": True, **stage.report(_summary(run))})
+    run.check_inputs()
     stage.prepare()
     refuse_links(run.path)
     run.hold_run()
@@ -113,8 +115,11 @@ def _drive(stage: Stage) -> dict:
 def run_units(stage: Stage, pending: list[int]) -> int:
     """Do each pending unit and mark it done with a checksum of the bytes it stored."""
     per_unit = stage.steps_per_unit
-    total = len(pending) * per_unit if per_unit else len(pending)
-    with stage.session(), log.progress(stage.label, total, stage.unit_name) as bar:
+    # The bar counts this shard's whole share: units done before (an earlier, interrupted run) count as done.
+    mine = len(stage.run.shard.units(stage.run.units))
+    scale = per_unit or 1
+    total, done = mine * scale, max(mine - len(pending), 0) * scale
+    with stage.session(), log.progress(stage.label, total, stage.unit_name, done=done) as bar:
         for unit in pending:
             began = time.perf_counter()
             stage.do_unit(unit, bar)

@@ -64,6 +64,19 @@ def regular_file(path: Path, what: str) -> Path:
     return path
 
 
+def output_file(path: Path, what: str, suffix: str) -> Path:
+    """Where a command will write a file, checked before any work: a name without `suffix`, or a folder,
+    FIFO or device already there, is refused (writing to a FIFO would wait forever)."""
+    from vfx.errors import BadInput
+
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        raise BadInput(f"{what} {path}: give a {suffix} file name")
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise BadInput(f"{what} {path} is not a regular file (a folder, FIFO or device?); give a {suffix} file name")
+    return path
+
+
 def read_json(path: Path) -> Any | None:
     """The JSON in `path`, or None when it is missing or unreadable (a torn write)."""
     try:

@@ -63,7 +63,8 @@ FLOW_ARRAYS = ("forward", "backward", "occlusion_forward", "occlusion_backward")
 _FLOW = tuple(Artifact(f"{name}.zarr") for name in FLOW_ARRAYS)
 
 STAGES: dict[str, StageSpec] = {spec.stage: spec for spec in (
-    StageSpec("extract", "frames", "vfx extract {dir} --video FILE", (Artifact("frames.zarr"),), unit="single"),
+    StageSpec("extract", "frames", "vfx extract {dir} VIDEO", (
+        Artifact("frames.zarr"), Artifact("audio.m4a", ignores=("size", "chunk_frames"))), unit="single"),
     StageSpec("encode", "latents", "vfx encode {dir}", (Artifact("latents.zarr"),), ("extract",)),
     StageSpec("invert", "inversion", "vfx invert {dir}", (
         Artifact("trajectory.zarr", ignores=("reconstruction",)), Artifact("reconstruction_latents.zarr"),

@@ -89,5 +89,6 @@ def contact_sheet(array_path: Path, out: Path, max_tiles: int = 16, columns: int
     for index, tile in enumerate(tiles):
         r, c = divmod(index, columns)
         sheet[r * (height + 2) : r * (height + 2) + height, c * (width + 2) : c * (width + 2) + width] = tile
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(sheet).save(out)
     return out

@@ -7,6 +7,7 @@ multiple of 8. Output sizes are always multiples of 8 (the VAE's downsampling fa
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -18,13 +19,15 @@ from typing import Iterable, Iterator
 import av
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vfx.errors import BadInput
 from vfx.fsutil import regular_file
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 MAX_SIDE = 4096  # largest output side accepted; beyond it SD's attention does not fit anyway
+# Files that often sit beside photos and are not meant as images (no warning for them).
+IGNORED_SUFFIXES = {".txt", ".md", ".json", ".jsonl", ".csv", ".toml", ".yaml", ".yml", ".lock"}
 FOLDER_FPS = Fraction(24)  # frame rate assumed for a folder of images unless --fps says otherwise
 
 
@@ -164,17 +167,43 @@ class SourceInfo:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files of a folder (by suffix, hidden files skipped), sorted by name."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    """The image files of a folder (by suffix, hidden files skipped), sorted by name.
+
+    Other files are named in a warning rather than skipped silently: a photo in a format vfx does not
+    know should not vanish from a training set without a word.
+    """
+    entries = [p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")]
+    images = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
+    others = sorted(p.name for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES | IGNORED_SUFFIXES)
+    if others:
+        from vfx import log
+
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        log.warn(f"{folder}: not reading {len(others)} file(s) that are not images "
+                 f"({', '.join(sorted(IMAGE_SUFFIXES))}): {shown}")
+    return images
+
+
+def _register_heif() -> None:
+    """HEIC/HEIF (the iPhone default) and AVIF through pillow-heif, when it is installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return
+    pillow_heif.register_heif_opener()
+
+
+_register_heif()
 
 
 def read_image(path: Path) -> np.ndarray:
-    """An RGB uint8 array from any image mode Pillow reads (palette, grey, alpha, 16-bit)."""
+    """An RGB uint8 array from any image mode Pillow reads (palette, grey, alpha, 16-bit), turned upright
+    by its EXIF orientation (a portrait phone photo is stored sideways with orientation 6 or 8)."""
     regular_file(path, "image")
     try:
         with Image.open(path) as image:
             image.load()
+            image = ImageOps.exif_transpose(image)
             if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
                 array = np.asarray(image, dtype=np.float64)
                 array = (array / max(array.max(), 1) * 255).astype(np.uint8)
@@ -182,7 +211,7 @@ def read_image(path: Path) -> np.ndarray:
             return np.ascontiguousarray(np.asarray(image.convert("RGB")))
     except Image.DecompressionBombError:
         raise BadInput(f"{path} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels)") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadInput(f"{path} is not a readable image: {exc}") from None
 
 
@@ -251,28 +280,116 @@ def iter_source(info: SourceInfo) -> Iterator[tuple[int, float, np.ndarray]]:
 # ---------------------------------------------------------------- writing
 
 
-def write_mp4(path: Path, frames: Iterable[np.ndarray], fps: Fraction, crf: int = 18) -> int:
-    """H.264 in yuv420p (browser-playable) at `fps`; written to a temporary name, then renamed."""
+def write_mp4(path: Path, frames: Iterable[np.ndarray], fps: Fraction, crf: int = 18,
+              audio: Path | None = None) -> int:
+    """H.264 in yuv420p (browser-playable) at `fps`; written to a temporary name, then renamed. With
+    `audio` (an .m4a from `keep_audio`), its AAC stream is copied in beside the video, both starting at
+    time 0, interleaved by time."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
     count = 0
     try:
-        with av.open(str(tmp), "w", format="mp4", options={"movflags": "faststart"}) as container:
-            stream = None
+        with av.open(str(tmp), "w", format="mp4", options={"movflags": "faststart"}) as container, \
+                contextlib.ExitStack() as stack:
+            stream = sound = None
             for frame in frames:
                 if stream is None:
                     stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
                     stream.height, stream.width = frame.shape[:2]
                     stream.pix_fmt = "yuv420p"
                     stream.options = {"crf": str(crf), "preset": "medium"}
+                    if audio is not None:
+                        sound = stack.enter_context(_CopiedAudio(container, audio))
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
                 count += 1
+                if sound is not None:
+                    sound.mux_until(count / Fraction(fps))
             if stream is not None:
                 container.mux(stream.encode())
+            if sound is not None:
+                sound.mux_until(None)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return count
+
+
+# ---------------------------------------------------------------- audio
+
+AUDIO_BIT_RATE = 192_000
+
+
+def keep_audio(source: Path, out: Path, start: float, seconds: Fraction) -> dict | None:
+    """The source's first audio stream over [start, start + seconds) of its timeline, re-encoded to AAC
+    in an .m4a at `out`, cut to the sample (silence where the source has no sound). Returns the track's
+    description, or None when the source has no audio stream."""
+    with av.open(str(source)) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate
+        layout = stream.codec_context.layout.name
+        first, total = round(start * rate), round(Fraction(seconds) * rate)
+        resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        with av.open(str(out), "w", format="mp4") as dst:
+            encoder = dst.add_stream("aac", rate=rate, layout=layout)
+            encoder.bit_rate = AUDIO_BIT_RATE
+            channels = len(encoder.layout.channels)
+            written = 0
+
+            def put(block: np.ndarray) -> None:
+                nonlocal written
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block, dtype=np.float32), format="fltp",
+                                                   layout=layout)
+                frame.sample_rate, frame.pts = rate, written
+                written += block.shape[1]
+                dst.mux(encoder.encode(frame))
+
+            def silence(until: int) -> None:
+                while written < until:
+                    put(np.zeros((channels, min(until - written, rate)), np.float32))
+
+            position = None  # the source sample index (on its timeline) of the next decoded sample
+            for decoded in container.decode(stream):
+                if position is None:
+                    position = round(decoded.time * rate) if decoded.time is not None else 0
+                for frame in resampler.resample(decoded):
+                    block = frame.to_ndarray()
+                    low, position = position, position + block.shape[1]
+                    silence(min(low, first + total) - first)  # a gap before this block
+                    begin, stop = max(first + written, low) - low, min(position, first + total) - low
+                    if stop > begin:
+                        put(block[:, begin:stop])
+                if written >= total:
+                    break
+            silence(total)
+            dst.mux(encoder.encode(None))
+    return {"file": Path(out).name, "codec": "aac", "sample_rate": rate, "channels": channels,
+            "samples": total, "seconds": total / rate}
+
+
+class _CopiedAudio:
+    """The AAC stream of an .m4a, copied packet by packet into an output container."""
+
+    def __init__(self, container: av.container.OutputContainer, path: Path):
+        self.container, self.source = container, av.open(str(path))
+        template = self.source.streams.audio[0]
+        self.stream = container.add_stream_from_template(template)
+        self.packets = (packet for packet in self.source.demux(template) if packet.dts is not None)
+        self.next = next(self.packets, None)
+
+    def mux_until(self, seconds: Fraction | None) -> None:
+        """Mux the packets that start before `seconds` (every remaining one for None)."""
+        while self.next is not None and (seconds is None or self.next.pts * self.next.time_base < seconds):
+            self.next.stream = self.stream
+            self.container.mux(self.next)
+            self.next = next(self.packets, None)
+
+    def __enter__(self) -> "_CopiedAudio":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.source.close()
 
 
 def synthetic_video(path: Path, frames: int = 24, size: int = 128, fps: int = 12, seed: int = 0) -> Path:

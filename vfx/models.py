@@ -23,8 +23,9 @@ from vfx.errors import BadInput
 from vfx.fsutil import file_lock, replace_path
 
 # 2: the ControlNet's zero convolutions carry weights, so control reaches the UNet;
-# 3: the VAE's scaling factor gives unit-variance latents.
-TINY_VERSION = 3
+# 3: the VAE's scaling factor gives unit-variance latents;
+# 4: text encoder and tokenizer files in the layout transformers 4.x reads too (same weights).
+TINY_VERSION = 4
 TINY_NAMES = ("tiny", "tiny-v")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -41,6 +42,7 @@ def build_tiny(folder: Path, variant: str = "tiny") -> Path:
     from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from vfx.portable import portable_pipeline
     from vfx.tokenizer import write_tokenizer_files
 
     sd2 = variant == "tiny-v"
@@ -92,6 +94,7 @@ def build_tiny(folder: Path, variant: str = "tiny") -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
+    portable_pipeline(folder)
     torch.manual_seed(3)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
     wake_zero_convolutions(controlnet)
@@ -235,6 +238,21 @@ def refuse_pickled_weights(folder: Path) -> None:
             )
 
 
+def cached_hub_folder(spec: str, what: str) -> Path | None:
+    """The local snapshot of Hub id `spec` (nothing is downloaded), or None when `spec` is no Hub id."""
+    if not _HUB_ID.match(spec):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception:
+        raise BadInput(
+            f"{what} {spec!r} is not in the local Hugging Face cache and downloads are off here; "
+            "download it where you have network (`hf download ID`), or pass a local folder"
+        ) from None
+
+
 def resolve_model(spec: str | None, allow_pickle: bool = False) -> ModelRef:
     """Turn `--model` into a ModelRef, or a clear error. Nothing is downloaded."""
     spec = (spec or "tiny").strip()
@@ -258,19 +276,13 @@ def resolve_model(spec: str | None, allow_pickle: bool = False) -> ModelRef:
                 )
             return ModelRef(spec, "single-file", str(path.resolve()), f"file:{_hash_file(path)}")
         raise BadInput(f"{path} is not a model: expected a diffusers folder or a .safetensors file")
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            local = snapshot_download(spec, local_files_only=True)
-        except Exception:
-            raise BadInput(
-                f"model {spec!r} is not in the local Hugging Face cache and downloads are off here; "
-                "download it where you have network, or pass a local folder"
-            ) from None
+    if spec.startswith((".", "/", "~")) or path.suffix.lower() in {".safetensors", *PICKLE_SUFFIXES}:
+        raise BadInput(f"model {spec!r} not found: no such file or folder")
+    if _HUB_ID.match(spec):
+        local = cached_hub_folder(spec, "model")
         if not allow_pickle:
             refuse_pickled_weights(Path(local))
-        return ModelRef(spec, "hub", local, f"hub:{spec}:{Path(local).name}")
+        return ModelRef(spec, "hub", str(local), f"hub:{spec}:{Path(local).name}")
     raise BadInput(f"unknown model {spec!r}: use 'tiny', a diffusers folder, a .safetensors file or a cached Hub id")
 
 
@@ -343,14 +355,9 @@ def resolve_controlnet(model: ModelRef, spec: str | None) -> ControlNetRef:
         if not (path / "config.json").is_file():
             raise BadInput(f"--control-model {path} is not a diffusers ControlNet folder (no config.json)")
         return ControlNetRef(str(path.resolve()), f"folder:{_hash_folder_configs(path)}")
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            local = snapshot_download(spec, local_files_only=True)
-        except Exception:
-            raise BadInput(f"ControlNet {spec!r} is not in the local Hugging Face cache and downloads are off here") from None
-        return ControlNetRef(local, f"hub:{spec}:{Path(local).name}")
+    local = None if spec.startswith((".", "/", "~")) else cached_hub_folder(spec, "ControlNet")
+    if local is not None:
+        return ControlNetRef(str(local), f"hub:{spec}:{local.name}")
     raise BadInput(f"--control-model {spec!r}: no such folder")
 
 

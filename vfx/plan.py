@@ -31,6 +31,12 @@ class Request:
     images: int | None = None  # regularize: --num-images; sample: prompts x --num-images
     batch_size: int = 4
 
+    def __post_init__(self) -> None:
+        for flag, value in (("--chunk-frames", self.chunk_frames), ("--images", self.images),
+                            ("--batch-size", self.batch_size)):
+            if value is not None and value < 1:
+                raise BadInput(f"invalid {flag} {value}: must be at least 1")
+
 
 def check_stage(stage: str) -> graph.StageSpec:
     if stage not in SHARDABLE:

@@ -41,6 +41,10 @@ RANGES = {"max_frames": "0 (all) or more", "chunk_frames": "at least 1", "seed":
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 
+EMPTY_PROMPT = ("the inversion prompt is empty: describe the source video (`vfx init --prompt` or `vfx invert "
+                "--prompt`, e.g. 'a woman running'); it conditions the source branch, whose features are injected "
+                "into the edit and whose attention gives the correspondences")
+
 
 def validate_name(name: str, what: str = "name") -> str:
     """A user-given name that becomes a folder: no separators, no '..', no leading dot."""

@@ -10,10 +10,21 @@ import torch
 
 from vfx import log
 from vfx.distributed import local_device
+from vfx.errors import BadInput
 from vfx.models import ModelRef, load_pipeline, resolve_model, scheduler_config
 from vfx.project import Project
 from vfx.runtime import dtype_name, resolve_device, resolve_dtype
 from vfx.stage import Shard
+
+
+def check_model_config(spec: str) -> None:
+    """`--model-config` names a diffusers folder or a cached Hub id: checked before any model loads."""
+    try:
+        kind = resolve_model(spec).kind
+    except BadInput as exc:
+        raise BadInput(f"--model-config: {exc}") from None
+    if kind not in {"folder", "hub"}:
+        raise BadInput(f"--model-config {spec}: give a diffusers folder or a cached Hub id (its configs)")
 
 
 @dataclass
@@ -47,6 +58,8 @@ class Settings:
         resolved_device = local_device(resolve_device(project.get("device", device)))
         resolved_dtype = resolve_dtype(project.get("dtype", dtype), resolved_device)
         ref = resolve_model(project.get("model", model), allow_pickle=allow_pickle)
+        if model_config is not None:
+            check_model_config(model_config)
         return cls(project, ref, resolved_device, resolved_dtype, shard_spec, force, model_config)
 
     @property

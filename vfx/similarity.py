@@ -23,6 +23,16 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def model_folder(spec: str | Path, flag: str) -> Path:
+    """A model given as `--model` takes folders: a local folder, or a Hub id already in the local cache."""
+    from vfx.models import cached_hub_folder
+
+    path = Path(spec).expanduser()
+    if path.is_dir() or str(spec).startswith((".", "/", "~")):
+        return path
+    return cached_hub_folder(str(spec), flag) or path
+
+
 def _read_config(folder: Path, what: str, flag: str) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
@@ -123,7 +133,7 @@ class Clip:
     """
 
     def __init__(self, folder: Path, device: torch.device | str = "cpu", batch_size: int = 16):
-        self.folder = Path(folder)
+        self.folder = model_folder(folder, "--clip")
         config = _read_config(self.folder, "CLIP", "--clip")
         if config.get("model_type") != "clip":
             raise BadInput(f"--clip {self.folder} is not a CLIP model folder (its config.json has model_type "
@@ -188,7 +198,7 @@ class Dino:
     """A ViT / DINO folder (transformers AutoModel): the CLS token of the last layer."""
 
     def __init__(self, folder: Path, device: torch.device | str = "cpu", batch_size: int = 16):
-        folder = Path(folder)
+        folder = model_folder(folder, "--dino")
         config = _read_config(folder, "ViT/DINO", "--dino")
         if config.get("model_type") == "clip" or "image_size" not in config:
             raise BadInput(f"--dino {folder} is not a ViT/DINO model folder (expected a vision transformer "

@@ -216,6 +216,8 @@ def upstream(project, stage: str, artifact: str, name: str | None = None) -> Ups
     rel = row.folder_for(name)
     folder = project.path(*rel.split("/"))
     label = f"{stage} {name or row.default_name}" if row.named else stage
+    if folder.is_symlink():  # its lock file would be written through the link
+        raise BadInput(f"{folder} is a symbolic link; stage folders must be real folders inside the project")
     if not folder.is_dir():
         raise MissingStage(label, row.command_for(project.root, name))
     # Held shared until this command ends, so no other vfx process rewrites the artifact meanwhile.
@@ -236,6 +238,32 @@ def check_upstreams_unchanged() -> None:
             now = record.get("artifacts", {}).get(artifact) if is_complete(record) else None
             if now != expected:
                 raise VfxError(f"{lock.what / artifact} changed while this stage read it; rerun the command")
+
+
+def check_upstreams_intact() -> None:
+    """Every done unit of every upstream folder this command reads still reads back as its marker recorded;
+    else DamagedArtifact, naming the damaged array (or folder) and the command that repairs it. Checked
+    before a rewrite deletes anything, so a damaged input loses no output."""
+    from vfx.store import DamagedArtifact, repair_hint
+
+    for lock in locks.held():
+        if not lock.expected:
+            continue
+        folder = StageFolder(lock.what)
+        units = (folder.record() or {}).get("units")
+        for unit in folder.damaged_units(range(units) if isinstance(units, int) else ()):
+            names = set()
+            try:
+                for entry in read_json(folder.marker(unit))["parts"]:
+                    part = Part(**entry)
+                    names.add(Path(part.path).parts[0])
+                    part.read(folder.folder)  # a chunk that fails its CRC-32C raises, naming its array
+            except DamagedArtifact:
+                raise
+            except Exception:  # noqa: BLE001 - a torn marker or a missing file: the message below
+                pass
+            raise DamagedArtifact(f"{lock.what} is damaged ({', '.join(sorted(names)) or 'its marker'}: unit {unit} "
+                                  f"no longer matches its checksum){repair_hint(lock.what / RECORD)}")
 
 
 def artifact_fingerprints(stage: str, params: dict, inputs: dict, units: int) -> dict[str, str]:
@@ -306,6 +334,13 @@ class StageRun:
         if not is_complete(rec) or rec.get("fingerprint") != self.fingerprint or rec.get("artifacts") != self.artifacts:
             return False
         return not self.folder.damaged_units(self.shard.units(self.units))
+
+    def check_inputs(self) -> None:
+        """When this run would start over what is there (stale or forced), every upstream it reads must
+        read back intact first: a damaged input then loses no output."""
+        rec = self.folder.record()
+        if rec and (self.force or rec.get("fingerprint") != self.fingerprint):
+            check_upstreams_intact()
 
     def _new_record(self) -> dict:
         return {

@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from vfx import log
-from vfx.cli.common import DEBUG
+from vfx.cli.common import DEBUG, OneLineUsageErrors
 
 app = typer.Typer(
     name="vfx",
+    cls=OneLineUsageErrors,
     help="Diffusion video editing (TokenFlow) and subject personalization (DreamBooth), as resumable stages "
     "over a project directory. Start with `vfx init DIR --video FILE`.",
     no_args_is_help=True,
@@ -47,6 +48,7 @@ def _global(
 
 from vfx.cli import project_cmds, video_cmds  # noqa: E402,F401  (registers the commands)
 from vfx.cli import dreambooth_cmds, metrics_cmds  # noqa: E402,F401
+from vfx.cli import report_cmds  # noqa: E402,F401
 
 
 def main() -> None:

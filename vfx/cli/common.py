@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -55,6 +56,37 @@ ModelConfigOpt = Annotated[
     str | None,
     typer.Option("--model-config", help="For a single-file checkpoint: a diffusers folder or cached Hub id with its configs.", show_default=False),
 ]
+
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """Usage errors (an unknown option, a missing one, a value that does not parse) print one line and
+    exit 2, like every other bad input; `vfx` or a group without arguments still shows its help."""
+
+    def make_context(self, *args, **kwargs):
+        with one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+try:  # typer 0.29 and later carry their own click
+    from typer._click import exceptions as _usage
+except ImportError:
+    from click import exceptions as _usage
+
+
+@contextlib.contextmanager
+def one_line_usage_errors():
+    try:
+        yield
+    except getattr(_usage, "NoArgsIsHelpError", ()):
+        raise
+    except _usage.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) is not None else ""
+        log.error(one_line(exc.format_message()) + hint)
+        raise typer.Exit(exc.exit_code) from None
 
 
 def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:

@@ -65,7 +65,8 @@ def train_cmd(
     prior_loss_weight: Annotated[float, typer.Option("--prior-loss-weight", help="λ in MSE(instance) + λ·MSE(class); 0 turns the prior loss off.")] = 1.0,
     identifier: Annotated[str | None, typer.Option("--identifier", help="The identifier token, to check the instance prompt holds it as one token.", show_default=False)] = None,
     mode: Annotated[str, typer.Option("--mode", help="full: fine-tune the UNet; lora: train LoRA layers only.")] = "full",
-    rank: Annotated[int, typer.Option("--rank", help="LoRA rank (alpha = rank).")] = 4,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 4,
+    lora_alpha: Annotated[float | None, typer.Option("--lora-alpha", help="LoRA alpha: the layers' output is scaled by alpha / rank. Default: --rank.", show_default=False)] = None,
     lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="Dropout on the LoRA layers.")] = 0.0,
     train_text_encoder: Annotated[bool, typer.Option("--train-text-encoder", help="Train the text encoder too (full, or LoRA in lora mode).")] = False,
     learning_rate: Annotated[float | None, typer.Option("--learning-rate", help="UNet learning rate. Default: 5e-6 (full), 1e-4 (lora).", show_default=False)] = None,
@@ -73,7 +74,8 @@ def train_cmd(
     lr_scheduler: Annotated[str, typer.Option("--lr-scheduler", help="constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial.")] = "constant",
     lr_warmup_steps: Annotated[int, typer.Option("--lr-warmup-steps", help="Warm-up steps of the LR scheduler.")] = 0,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Training steps. Default: 400 (full), 500 (lora).", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Instance examples per step and process (as many class examples join them).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Instance examples per micro-batch and process (as many class examples join them).")] = 1,
+    gradient_accumulation: Annotated[int, typer.Option("--gradient-accumulation", help="Micro-batches per optimizer step: the step sees batch-size x N examples, memory holds batch-size.")] = 1,
     resolution: Annotated[int | None, typer.Option("--resolution", help="Training side in pixels. Default: the model's native size.", show_default=False)] = None,
     random_crop: Annotated[bool, typer.Option("--random-crop/--center-crop", help="Crop instance photos at random places, or at the centre.")] = False,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Mirror instance photos at random.")] = False,
@@ -83,6 +85,7 @@ def train_cmd(
     offset_noise: Annotated[float, typer.Option("--offset-noise", help="Offset-noise strength (0.05-0.1 is usual).")] = 0.0,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping norm (0: off).")] = 1.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 1e-2,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw | adamw8bit (bitsandbytes, pip install 'vfx[bnb]'): 8-bit moments, about a quarter of AdamW's state.")] = "adamw",
     seed: SeedOpt = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save the full training state every N steps.")] = 100,
     keep: Annotated[int, typer.Option("--keep", help="Checkpoints to keep (the newest).")] = 2,
@@ -108,9 +111,10 @@ def train_cmd(
     cfg = TrainConfig(
         name=name, instance_dir=instance_dir, instance_prompt=instance_prompt, class_prompt=class_prompt,
         class_dir=class_dir, prior_loss_weight=prior_loss_weight, identifier=identifier, mode=mode, rank=rank,
-        lora_dropout=lora_dropout, train_text_encoder=train_text_encoder, learning_rate=learning_rate,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, train_text_encoder=train_text_encoder, learning_rate=learning_rate,
         text_encoder_lr=text_encoder_lr, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
-        max_steps=max_steps, batch_size=batch_size, resolution=resolution, random_crop=random_crop, flip=flip,
+        max_steps=max_steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+        optimizer=optimizer, resolution=resolution, random_crop=random_crop, flip=flip,
         gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, snr_gamma=snr_gamma,
         offset_noise=offset_noise, max_grad_norm=max_grad_norm, weight_decay=weight_decay, seed=seed,
         checkpoint_every=checkpoint_every, keep=keep, resume=resume, stop_after=stop_after,
@@ -143,7 +147,7 @@ def sample_cmd(
     size: SizeOpt = None,
     negative_prompt: NegativeOpt = "",
     base: Annotated[bool, typer.Option("--base", help="Sample the base model (the run's, or --model) instead of the run's weights, into samples-base/.")] = False,
-    lora: Annotated[Path | None, typer.Option("--lora", help="Sample --model with this LoRA file instead of the run's weights.", show_default=False)] = None,
+    lora: Annotated[Path | None, typer.Option("--lora", help="Sample --model with this LoRA instead of the run's weights: a .safetensors file in any layout diffusers loads (diffusers, peft, kohya/A1111).", show_default=False)] = None,
     lora_scale: Annotated[float, typer.Option("--lora-scale", help="LoRA strength (0: the base model).")] = 1.0,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
@@ -188,3 +192,23 @@ def tokens_cmd(
         text = ("no token of this tokenizer passes the rule (3-4 letters, one token, no vowel, not a known "
                 "abbreviation); pick a short made-up word and check how it tokenizes")
     emit(result, as_json, text)
+
+
+@command(app, "export")
+def export_cmd(
+    root: ProjectDir,
+    name: RunOpt,
+    fmt: Annotated[str, typer.Option("--format", help="kohya: a LoRA for A1111/ComfyUI/kohya; checkpoint: a full "
+                                     "fine-tune as one original-layout .safetensors; diffusers: the LoRA file or "
+                                     "pipeline folder.")] = "kohya",
+    out: Annotated[Path, typer.Option("--out", help="Where to write: a .safetensors file (a folder for a full "
+                                      "fine-tune in diffusers format).", show_default=False)] = ...,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a run's trained weights for other tools (A1111, ComfyUI, kohya, diffusers)."""
+    from vfx.dreambooth.export import export
+    from vfx.project import Project
+
+    result = export(Project.open(root), name, fmt, out, force)
+    emit(result, as_json, f"{result['format']} export: {result['out']}")

@@ -14,7 +14,7 @@ from vfx.cli.common import report
 
 ClipOpt = Annotated[
     Path | None,
-    typer.Option("--clip", help="A CLIP model folder (transformers CLIPModel + tokenizer) for CLIP-T/CLIP-F/CLIP-I.", show_default=False),
+    typer.Option("--clip", help="A CLIP model (transformers CLIPModel + tokenizer): a folder or a cached Hub id, e.g. openai/clip-vit-base-patch32; for CLIP-T/CLIP-F/CLIP-I.", show_default=False),
 ]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw the per-frame curves into this PNG.", show_default=False)]
 
@@ -73,10 +73,13 @@ def eval_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Metrics of an edit (warp error with the source's flow, CLIP-T, CLIP-F) or of the inversion (PSNR, SSIM), into eval/NAME/."""
+    from vfx.fsutil import output_file
     from vfx.project import Project
     from vfx.stage import Shard
     from vfx.stages.evaluate import evaluate
 
+    if plot is not None:
+        output_file(plot, "--plot", ".png")
     result = evaluate(Project.open(root), edit, inversion, prompt, clip, device, Shard.parse(shard), force)
     if plot is not None:
         if result.get("metrics"):
@@ -96,7 +99,7 @@ def eval_subject_cmd(
     real: Annotated[Path, typer.Option(help="Folder of real photos of the subject.", show_default=False)],
     prompt: Annotated[str | None, typer.Option(help="The samples' prompt for CLIP-T (write the class, not the rare token).", show_default=False)] = None,
     clip: ClipOpt = None,
-    dino: Annotated[Path | None, typer.Option("--dino", help="A ViT/DINO model folder (transformers AutoModel) for DINO.", show_default=False)] = None,
+    dino: Annotated[Path | None, typer.Option("--dino", help="A ViT/DINO model (transformers AutoModel): a folder or a cached Hub id, e.g. facebook/dino-vits16; for DINO.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:

@@ -15,7 +15,7 @@ from vfx import log
 from vfx.cli import app
 from vfx.cli.common import JsonOpt, ProjectDir, command, emit
 from vfx.errors import BadInput
-from vfx.project import Project
+from vfx.project import EMPTY_PROMPT, Project
 
 model_app = typer.Typer(help="The embedded tiny model and model helpers.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -37,6 +37,7 @@ def init_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a project directory and its vfx.toml (project defaults; flags override them per run)."""
+    from vfx.fsutil import regular_file
     from vfx.media import parse_size
     from vfx.models import resolve_model
 
@@ -45,6 +46,8 @@ def init_cmd(
     if video is not None:
         if not video.exists():
             raise BadInput(f"{video}: no such file or folder")
+        if not video.is_dir():
+            regular_file(video, "--video")
         video = video.resolve()
     if model is not None:
         resolve_model(model)
@@ -57,6 +60,8 @@ def init_cmd(
         "seed": seed, "device": device, "dtype": dtype, "video": str(video) if video else None,
     }
     project = Project.init(root, overrides, force=force)
+    if not project.get("prompt"):
+        log.warn(EMPTY_PROMPT)
     emit({"project": str(project.root), "config": project.config}, as_json, f"initialised {project.root / 'vfx.toml'}")
 
 
@@ -157,15 +162,16 @@ def inspect_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Print an artifact's shape, dtype, chunks and attributes; optionally a PNG contact sheet."""
+    from vfx.fsutil import output_file
     from vfx.inspect import contact_sheet, find_arrays, inspect_path
 
+    if preview is not None:
+        output_file(preview, "--preview", ".png")
     result = inspect_path(path)
     if preview is not None:
         arrays = find_arrays(path)
         if not arrays:
             raise BadInput(f"{path} holds no array to preview")
-        if preview.exists() and preview.is_dir():
-            raise BadInput(f"--preview {preview} is a folder; give a .png file name")
         result["preview"] = str(contact_sheet(arrays[0], preview))
     if as_json:
         emit(result, True)
@@ -202,6 +208,22 @@ def model_tiny_cmd(
             raise BadInput(f"{out} exists and is not empty; choose a new folder")
         folder = build_tiny(out, variant)
     emit({"model": str(folder), "variant": variant}, as_json, str(folder))
+
+
+@command(model_app, "random")
+def model_random_cmd(
+    arch: Annotated[str, typer.Option("--arch", help="sd15 (SD 1.5), sd21 (SD 2.1, 768 px, v-prediction) or sdxl (SDXL base; for measurement: vfx stages do not run SDXL yet).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="The pipeline folder to write (refused if it exists, unless --force).", show_default=False)],
+    dtype: Annotated[str, typer.Option("--dtype", help="fp16 | fp32: the saved weights' precision (fp16 halves the disk).")] = "fp16",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder at --out.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a diffusers pipeline with a real architecture (SD 1.5, SD 2.1, SDXL) and random weights, for measuring speed and memory without downloads (deterministic: identical bytes every time)."""
+    from vfx.random_models import write_random_model
+
+    result = write_random_model(arch, out, dtype, force)
+    total = sum(result["parameters"].values())
+    emit(result, as_json, f"{out}: {arch} architecture, random {dtype} weights, {total / 1e6:.1f} M parameters")
 
 
 MAX_DEMO_FRAMES, MAX_DEMO_SIZE = 100_000, 4096  # a test clip, not a way to fill the disk

@@ -21,7 +21,8 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Frames per VAE call
 @command(app, "extract")
 def extract_cmd(
     root: ProjectDir,
-    video: Annotated[Path | None, typer.Option(help="Video file (any container PyAV opens) or image folder. Default: vfx.toml's video.", show_default=False)] = None,
+    video: Annotated[Path | None, typer.Argument(help="Video file (any container PyAV opens) or image folder; the same as --video. Default: vfx.toml's video.", show_default=False)] = None,
+    video_option: Annotated[Path | None, typer.Option("--video", help="The video, as an option (VIDEO or --video, not both).", show_default=False)] = None,
     size: Annotated[str | None, typer.Option(help="Output WxH, multiples of 8: scale to cover, then centre-crop. Default: vfx.toml (512x512).", show_default=False)] = None,
     short_side: Annotated[int | None, typer.Option(help="Instead of --size: scale the short side to this, crop each side to a multiple of 8.", show_default=False)] = None,
     start: Annotated[str | None, typer.Option(help="First frame: an index (30) or seconds (1.5s).", show_default=False)] = None,
@@ -32,21 +33,23 @@ def extract_cmd(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Decode a video or image folder into frames/ (uint8 RGB, Zarr), recording fps, size and audio."""
+    """Decode a video or image folder into frames/ (uint8 RGB, Zarr), recording fps and size, and keep its audio (frames/audio.m4a)."""
     from vfx.media import Selection, parse_position, parse_size
     from vfx.project import Project
     from vfx.stages.extract import extract
 
+    if video is not None and video_option is not None and video.resolve() != video_option.resolve():
+        raise BadInput(f"two videos given ({video} as VIDEO, {video_option} as --video); pass one")
     project = Project.open(root)
-    source = video or (Path(project.config["video"]) if project.config.get("video") else None)
+    source = video or video_option or (Path(project.config["video"]) if project.config.get("video") else None)
     if source is None:
-        raise BadInput("no video given: pass --video FILE (or set video in vfx.toml)")
+        raise BadInput("no video given: pass VIDEO (vfx extract DIR VIDEO) or --video VIDEO, or set video in vfx.toml")
     if size is not None and short_side is not None:
         raise BadInput("--size and --short-side cannot be combined; pick one")
     parsed_size = None if short_side is not None else parse_size(project.get("size", size))
     selection = Selection(parse_position(start), parse_position(end), stride, fps, int(project.get("max_frames", max_frames)))
     result = extract(project, source, parsed_size, short_side, selection, int(project.config["chunk_frames"]), force)
-    emit(result, as_json, None if result.get("up_to_date") else f"extract: {result['frames']} frames {result['width']}x{result['height']} @ {result['fps_float']:.3g} fps")
+    emit(result, as_json, None if result.get("up_to_date") else f"extract: {result['frames']} frames {result['width']}x{result['height']} @ {result['fps_float']:.3g} fps" + (" with audio" if result.get("audio") else ""))
     if result.get("up_to_date") and not as_json:
         emit(result, False, "extract: up to date")
 
@@ -86,7 +89,7 @@ def decode_cmd(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Decode latents (the source's, or an edit's) into decoded/NAME/: frames (Zarr) and an H.264 video at the source fps."""
+    """Decode latents (the source's, or an edit's) into decoded/NAME/: frames (Zarr) and an H.264 video at the source fps, with the audio extract kept."""
     from vfx.stages.decode import decode
 
     settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
@@ -143,7 +146,7 @@ def edit_cmd(
     canny_low: Annotated[int | None, typer.Option(help="Canny lower hysteresis threshold.", show_default=str(EDIT_DEFAULTS["canny_low"]))] = None,
     canny_high: Annotated[int | None, typer.Option(help="Canny upper hysteresis threshold.", show_default=str(EDIT_DEFAULTS["canny_high"]))] = None,
     correspondence: Annotated[str, typer.Option(help="features: match tokens to keyframes by source-feature similarity. flow: compose flow/ (run `vfx flow` first) from each frame to its keyframes; occluded tokens fall back to features.")] = "features",
-    lora: Annotated[Path | None, typer.Option(help="LoRA weights (diffusers-format .safetensors, or a `vfx train --mode lora` weights folder) applied to the model.", show_default=False)] = None,
+    lora: Annotated[Path | None, typer.Option(help="LoRA weights applied to the model: a .safetensors file in any layout diffusers loads (diffusers, peft, kohya/A1111), or a `vfx train --mode lora` weights folder.", show_default=False)] = None,
     lora_scale: Annotated[float | None, typer.Option(help="Strength of the LoRA (0: exactly the base model).", show_default=str(EDIT_DEFAULTS["lora_scale"]))] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the keyframe draws. Default: vfx.toml (0).", show_default=False)] = None,
     propagation: Annotated[str, typer.Option(help="distance: blend the two neighbouring keyframes by real distance. reference: the reference implementation's window-centre sigmoid blend of the previous keyframe, for comparison.")] = "distance",

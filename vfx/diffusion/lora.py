@@ -1,11 +1,13 @@
 """LoRA weights applied to a pipeline: what `vfx edit --lora` and `vfx sample --lora` load.
 
-The file is diffusers' LoRA format (what `vfx train --mode lora` writes and `load_lora_weights` reads):
-`unet.…` keys for the UNet part, `text_encoder.…` keys for the text encoder's.
+Any single .safetensors LoRA that diffusers' `load_lora_weights` reads: what `vfx train --mode lora`
+writes (diffusers' layout), what `vfx export --format kohya` writes, and files from kohya, A1111 or
+ComfyUI users.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -33,11 +35,10 @@ def lora_identity(path: str | Path) -> str:
 
 
 def apply_lora(pipe, path: str | Path, scale: float = 1.0, adapter_name: str = ADAPTER):
-    """Load a LoRA made by `vfx train --mode lora` into `pipe` (UNet, and the text encoder when it was
-    trained too) and make it active at `scale`. Scale 0 gives exactly the base model's outputs.
-
-    The UNet part goes through diffusers' `load_lora_weights`; the text-encoder part is injected with
-    peft directly, because transformers' own loader insists on a newer peft than diffusers needs.
+    """Load a LoRA into `pipe` through diffusers' own loader, so every layout it reads works here:
+    diffusers and peft files (`unet.…`, `text_encoder.…`), kohya/A1111 (`lora_unet_…`, `lora_te_…`,
+    `.alpha`). Both the UNet and the text-encoder parts load; the adapter is active at `scale`, and
+    scale 0 gives exactly the base model's outputs. A file none of whose layers fit is refused.
     """
     from safetensors.torch import load_file
 
@@ -46,30 +47,26 @@ def apply_lora(pipe, path: str | Path, scale: float = 1.0, adapter_name: str = A
         state = load_file(str(file))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds for a damaged file
         raise BadInput(f"{file} is not a readable safetensors file: {exc}") from None
-    unet_part = {k: v for k, v in state.items() if k.startswith("unet.")}
-    text_part = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
-    if not unet_part and not text_part:
-        raise BadInput(f"{file} holds no UNet or text-encoder LoRA layers")
     try:
-        if unet_part:
-            pipe.load_lora_weights(unet_part, adapter_name=adapter_name)
-        if text_part:
-            add_text_lora(pipe.text_encoder, text_part, adapter_name)
+        with diffusers_logging_off():  # a failed load is logged over many lines; vfx says it in one
+            pipe.load_lora_weights(state, adapter_name=adapter_name)
     except Exception as exc:  # noqa: BLE001 - diffusers and peft raise many kinds for a foreign file
         raise BadInput(f"{file} is not a LoRA this model can load: {exc}") from None
+    loaded = [part for part, names in pipe.get_list_adapters().items() if adapter_name in names]
+    if not loaded:
+        raise BadInput(f"{file} holds no LoRA layers this model has (UNet or text encoder)")
     pipe.set_adapters([adapter_name], adapter_weights=[float(scale)])
     return pipe
 
 
-def add_text_lora(text_encoder, state: dict, adapter_name: str) -> None:
-    """Inject and fill the text encoder's LoRA layers (alpha = rank, as `vfx train` makes them)."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(dict(state)))
-    rank = next(v.shape[0] for k, v in state.items() if ".lora_A." in k)
-    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state})
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
-    inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
-    set_peft_model_state_dict(text_encoder, state, adapter_name=adapter_name)
-    text_encoder.to(next(p for n, p in text_encoder.named_parameters() if "lora_" not in n).dtype)
+@contextlib.contextmanager
+def diffusers_logging_off():
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)

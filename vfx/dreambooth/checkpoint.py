@@ -4,7 +4,8 @@ checkpoints/step-XXXXXX/
   state.json               step, base model identity, training options, data order, LR scheduler,
                            gradient scaler, optimizer hyper-parameters, number of processes
   trainable.safetensors    the trained parameters ("unet.<name>", "text_encoder.<name>")
-  optimizer.safetensors    the optimizer's per-parameter tensors ("<index>.<name>", e.g. "3.exp_avg")
+  optimizer.safetensors    the optimizer's per-parameter tensors ("<index>.<name>", e.g. "3.exp_avg", or
+                           "3.__bnb_optimizer_quant_state__.state1" for 8-bit AdamW's quantised moments)
   rng-<rank>.safetensors   per process: torch CPU/CUDA RNG, the training generator, numpy's MT state
   rng-<rank>.json          per process: Python's `random` state, numpy's scalar state
 
@@ -107,13 +108,18 @@ def set_rng_state(tensors: dict[str, torch.Tensor], values: dict[str, Any], gene
 
 
 def optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
+    """An optimizer's state_dict as named tensors ("<index>.<name>", nested dicts joined with ".") and JSON."""
+    tensors, scalars, stored = {}, {}, set()
     for index, values in state["state"].items():
-        for name, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{name}"] = value
+        for key, value in _flatten(values, str(index)):
+            if not torch.is_tensor(value):
+                scalars[key] = value
+                continue
+            value = value.detach().cpu().contiguous()
+            storage = value.untyped_storage().data_ptr()
+            # safetensors refuses shared memory; bitsandbytes shares one quantisation map between parameters.
+            tensors[key] = value.clone() if storage in stored else value
+            stored.add(storage)
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()} for group in state["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
@@ -121,10 +127,22 @@ def optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        index, *path = key.split(".")
+        node = state.setdefault(int(index), {})
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in group.items()} for group in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+def _flatten(values: dict, prefix: str):
+    """(dotted key, leaf) pairs of a nested dict, e.g. bitsandbytes' "__bnb_optimizer_quant_state__"."""
+    for name, value in values.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}.{name}")
+        else:
+            yield f"{prefix}.{name}", value
 
 
 # ---------------------------------------------------------------- save / load

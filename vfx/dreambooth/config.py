@@ -11,6 +11,7 @@ from vfx.errors import BadInput
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPTIMIZERS = ("adamw", "adamw8bit")
 # Reference defaults (diffusers' DreamBooth scripts): full fine-tuning is gentle, LoRA is not.
 DEFAULT_LR = {"full": 5e-6, "lora": 1e-4}
 DEFAULT_STEPS = {"full": 400, "lora": 500}
@@ -29,6 +30,7 @@ class TrainConfig:
     identifier: str | None = None
     mode: str = "full"
     rank: int = 4
+    lora_alpha: float | None = None
     lora_dropout: float = 0.0
     train_text_encoder: bool = False
     learning_rate: float | None = None
@@ -37,6 +39,8 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     max_steps: int | None = None
     batch_size: int = 1
+    gradient_accumulation: int = 1
+    optimizer: str = "adamw"
     resolution: int | None = None
     random_crop: bool = False
     flip: bool = False
@@ -65,20 +69,27 @@ class TrainConfig:
         cfg = replace(
             self,
             learning_rate=lr,
+            lora_alpha=float(self.lora_alpha if self.lora_alpha is not None else self.rank),
             text_encoder_lr=self.text_encoder_lr if self.text_encoder_lr is not None else lr,
             max_steps=self.max_steps if self.max_steps is not None else DEFAULT_STEPS[self.mode],
             resolution=self.resolution or native,
             seed=int(project_seed if self.seed is None else self.seed),
-            validation_every=self.validation_every or self.checkpoint_every,
+            validation_every=self.checkpoint_every if self.validation_every is None else self.validation_every,
         )
         checks = [
             (cfg.rank >= 1, f"--rank {cfg.rank}: must be at least 1"),
+            (cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha}: must be positive"),
             (0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)"),
-            (cfg.learning_rate > 0 and cfg.text_encoder_lr > 0, "learning rates must be positive"),
+            (cfg.learning_rate > 0, f"--learning-rate {cfg.learning_rate}: must be positive"),
+            (cfg.text_encoder_lr > 0, f"--text-encoder-lr {cfg.text_encoder_lr}: must be positive"),
+            (cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be 0 or more"),
+            (cfg.validation_every >= 1, f"--validation-every {cfg.validation_every}: must be at least 1"),
             (cfg.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler {cfg.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}"),
             (cfg.lr_warmup_steps >= 0, f"--lr-warmup-steps {cfg.lr_warmup_steps}: must be 0 or more"),
             (cfg.max_steps >= 1, f"--max-steps {cfg.max_steps}: must be at least 1"),
             (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be at least 1"),
+            (cfg.gradient_accumulation >= 1, f"--gradient-accumulation {cfg.gradient_accumulation}: must be at least 1"),
+            (cfg.optimizer in OPTIMIZERS, f"--optimizer {cfg.optimizer!r}: use {' or '.join(OPTIMIZERS)}"),
             (cfg.resolution >= 8 and cfg.resolution % 8 == 0, f"--resolution {cfg.resolution}: must be a positive multiple of 8"),
             (cfg.mixed_precision in PRECISIONS, f"--mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16"),
             (not (cfg.mixed_precision == "fp16" and device.type == "cpu"), "--mixed-precision fp16 needs a GPU; use bf16 or no on CPU"),
@@ -95,6 +106,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise BadInput(f"invalid {message}")
+        if cfg.optimizer == "adamw8bit":
+            require_bitsandbytes()
         return cfg
 
     def weight_params(self) -> dict:
@@ -102,3 +115,12 @@ class TrainConfig:
         skip = {"name", "instance_dir", "class_dir", "identifier", "checkpoint_every", "keep", "resume", "stop_after",
                 "validation_prompt", "validation_every", "validation_images", "validation_steps", "eval_pairs"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+def require_bitsandbytes() -> None:
+    """8-bit AdamW comes from the optional bitsandbytes package; say how to get it before anything runs."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise BadInput("--optimizer adamw8bit needs bitsandbytes, which is not installed: "
+                       "pip install 'vfx[bnb]' (or pip install bitsandbytes)") from None

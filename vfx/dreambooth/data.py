@@ -44,6 +44,26 @@ def read_images(files: list[Path]) -> list[np.ndarray]:
     return [read_image(path) for path in files]
 
 
+def describe_photos(files: list[Path], arrays: list[np.ndarray]) -> list[dict]:
+    """Each photo's name and upright size (after its EXIF orientation), for the training record."""
+    return [{"file": path.name, "width": int(a.shape[1]), "height": int(a.shape[0])} for path, a in zip(files, arrays)]
+
+
+def photo_warnings(photos: list[dict], resolution: int) -> list[str]:
+    """What about a set of instance photos is likely to hurt training: too few, or too small."""
+    warnings = []
+    if len(photos) < 3:
+        warnings.append(f"only {len(photos)} instance photo(s): DreamBooth learns a subject best from 3-5 photos "
+                        "taken from different angles")
+    small = [p for p in photos if min(p["width"], p["height"]) < resolution]
+    if small:
+        listed = ", ".join(f"{p['file']} {p['width']}x{p['height']} (x{resolution / min(p['width'], p['height']):.2f})"
+                           for p in small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+        warnings.append(f"{len(small)} photo(s) are smaller than the training resolution {resolution} and will be "
+                        f"upscaled: {listed}")
+    return warnings
+
+
 def files_identity(files: list[Path]) -> str:
     """A hash of the files' names and bytes: changes when any photo changes."""
     digest = hashlib.sha256()

@@ -55,7 +55,8 @@ def dreambooth_loss(
     loss = MSE(instance) + prior_weight * MSE(class); the prior term is None when the batch has
     no class examples. Per-example weights (SNR-γ) scale each example's MSE.
     """
-    per_example = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
+    wide = torch.promote_types(pred.dtype, torch.float32)  # half precision is upcast; float64 stays (tests)
+    per_example = ((pred.to(wide) - target.to(wide)) ** 2).mean(dim=tuple(range(1, pred.dim())))
     if weights is not None:
         per_example = per_example * weights.to(per_example.device)
     instance = per_example[:n_instance].mean()

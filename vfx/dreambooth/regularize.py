@@ -32,6 +32,7 @@ def image_name(index: int) -> str:
 
 class Regularize(Stage):
     label = "regularize"
+    unit_name = "batches"  # of --batch-size images
 
     def __init__(self, settings: Settings, name: str, class_prompt: str, num_images: int, steps: int,
                  guidance: float, seed: int | None, batch_size: int, size: int | None, negative_prompt: str):

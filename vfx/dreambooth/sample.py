@@ -66,6 +66,7 @@ def choose_model(settings: Settings, run_dir: Path, name: str, base: bool, lora:
 
 class Sample(Stage):
     label = "sample"
+    unit_name = "batches"  # of --batch-size images
 
     def __init__(self, settings: Settings, name: str, prompts: list[str], num_images: int, steps: int,
                  guidance: float, seed: int | None, batch_size: int, negative_prompt: str, size: int | None,

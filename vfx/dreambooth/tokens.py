@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from vfx.errors import BadInput
+
 VOWELS = set("aeiouy")
 WORD_END = "</w>"
 _LETTERS = re.compile(r"^[a-z]{3,4}$")
@@ -47,6 +49,8 @@ def is_candidate(word: str) -> bool:
 
 def suggest_tokens(tokenizer, count: int = 10) -> list[Candidate]:
     """Up to `count` tokens that pass the rule, rarest first."""
+    if count < 1:
+        raise BadInput(f"invalid --count {count}: must be at least 1")
     found = []
     for entry, token_id in tokenizer.get_vocab().items():
         if not entry.endswith(WORD_END):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vfx.fsutil import atomic_write_text
@@ -48,8 +50,9 @@ def eval_loss(unet, conditioning: Conditioning, text_encoder, noise_scheduler, f
     return total / len(clean)
 
 
-def validate(pipe, unet, text_encoder, cfg: TrainConfig, step: int, folder: Path, accelerator) -> list[str]:
-    """Sample the validation prompt with the current weights; the training RNGs are left as they were."""
+def validate(pipe, unet, text_encoder, cfg: TrainConfig, step: int, folder: Path, accelerator) -> np.ndarray:
+    """Sample the validation prompt with the current weights into `folder`/step-XXXXXX/; returns the images
+    (uint8 [n, H, W, 3]). The training RNGs are left as they were."""
     from diffusers import StableDiffusionPipeline
 
     saved = checkpoint.rng_state()
@@ -69,12 +72,10 @@ def validate(pipe, unet, text_encoder, cfg: TrainConfig, step: int, folder: Path
     text_encoder.train(was_training)
     checkpoint.set_rng_state(*saved)
     out = folder / f"step-{step:06d}"
-    paths = []
     for index, image in enumerate(images):
-        path = out / f"{index:02d}.png"
-        write_png(path, image, {"prompt": cfg.validation_prompt, "seed": cfg.seed + index, "step": step})
-        paths.append(str(path))
-    return paths
+        write_png(out / f"{index:02d}.png", image, {"prompt": cfg.validation_prompt, "seed": cfg.seed + index,
+                                                    "step": step})
+    return images
 
 
 def _step_of(line: str) -> int | None:
@@ -85,8 +86,18 @@ def _step_of(line: str) -> int | None:
         return None
 
 
+# metrics.jsonl's keys -> TensorBoard's grouped tags (a group is a section of TensorBoard's page).
+BOARD_TAGS = {
+    "loss": "loss/total", "instance_loss": "loss/instance", "prior_loss": "loss/prior",
+    "eval_instance_loss": "loss/eval_instance", "lr": "lr/unet", "lr_text_encoder": "lr/text_encoder",
+    "epoch": "progress/epoch", "step_seconds": "time/step_seconds",
+}
+BOARD = "tensorboard"
+
+
 class Metrics:
-    """metrics.jsonl (and TensorBoard when it is installed), written by the main process only."""
+    """metrics.jsonl and TensorBoard events (dreambooth/RUN/tensorboard/), written by the main process only.
+    Both are flushed every step, so what a checkpoint covers is on disk before it."""
 
     def __init__(self, path: Path, active: bool, resume_step: int | None):
         self.path, self.active, self.board = path, active, None
@@ -98,23 +109,42 @@ class Metrics:
             kept = [line for line in path.read_text().splitlines() if _step_of(line) is not None
                     and _step_of(line) <= resume_step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(str(path.parent / "tensorboard"))
-        except ImportError:
-            pass
+        self.board = open_board(path.parent / BOARD, resume_step)
 
     def write(self, record: dict) -> None:
         if not self.active:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
-        if self.board is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.board.add_scalar(key, value, record["step"])
+        for key, tag in BOARD_TAGS.items():
+            if record.get(key) is not None:
+                self.board.add_scalar(tag, record[key], record["step"])
+        self.board.flush()
+
+    def images(self, step: int, images: np.ndarray) -> None:
+        """Validation images, one tag per image index: TensorBoard's slider then walks through the steps."""
+        if not self.active:
+            return
+        for index, image in enumerate(images):
+            self.board.add_image(f"validation/{index}", image, step, dataformats="HWC")
+        self.board.flush()
 
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
+
+    def __enter__(self) -> "Metrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_board(folder: Path, resume_step: int | None):
+    """A TensorBoard writer. A fresh run starts with no events; a resumed one purges the events after its
+    checkpoint (TensorBoard hides steps >= purge_step), as the steps after it are redone."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if resume_step is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1)

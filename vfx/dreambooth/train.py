@@ -1,8 +1,9 @@
 """`vfx train`: DreamBooth fine-tuning with prior preservation, full or LoRA, with exact resume.
 
-One explicit loop (`train`, nanoGPT style). Each step takes `batch_size` instance examples and, when the
-prior loss is on, as many class examples, in one batch; noises their latents at random timesteps; and
-takes one optimizer step on MSE(instance) + λ·MSE(class). Everything random comes from places a
+One explicit loop (`train`, nanoGPT style). Each step takes `batch_size × gradient_accumulation` instance
+examples and, when the prior loss is on, as many class examples; noises their latents at random timesteps;
+runs them through the model in `gradient_accumulation` micro-batches, adding up the gradients; and takes
+one optimizer step on MSE(instance) + λ·MSE(class). Everything random comes from places a
 checkpoint saves: a training generator (crops, flips, posterior samples, noise, timesteps), the global
 RNGs (dropout), and an example order that is a function of (seed, epoch). A resumed run therefore
 retraces an uninterrupted one exactly.
@@ -10,6 +11,7 @@ retraces an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import shutil
 import time
@@ -29,7 +31,8 @@ from vfx.stage import StageRun, refuse_links, upstream
 from vfx.dreambooth import checkpoint
 from vfx.dreambooth.config import PRECISIONS, TrainConfig
 from vfx.dreambooth.data import (
-    ExampleOrder, ImageSet, check_prompt, files_identity, identifier_problem, list_images, read_images, run_folder,
+    ExampleOrder, ImageSet, check_prompt, describe_photos, files_identity, identifier_problem, list_images,
+    photo_warnings, read_images, run_folder,
 )
 from vfx.dreambooth.encoding import Conditioning, Latents
 from vfx.dreambooth.tracking import METRICS, Metrics, eval_loss, eval_set, validate
@@ -40,6 +43,28 @@ from vfx.dreambooth.weights import save_full, save_lora, write_info
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class Batch:
+    """Examples of one step or micro-batch: instance rows first, then as many class rows."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    n_inst: int
+    n_cls: int
+
+    def split(self, parts: int) -> list["Batch"]:
+        """`parts` micro-batches, each with an equal share of the instance and of the class rows, in order."""
+        if parts == 1:
+            return [self]
+        inst, cls = self.n_inst // parts, self.n_cls // parts
+        micro = []
+        for j in range(parts):
+            rows = [*range(j * inst, (j + 1) * inst), *range(self.n_inst + j * cls, self.n_inst + (j + 1) * cls)]
+            micro.append(Batch(self.latents[rows], self.noise[rows], self.timesteps[rows], inst, cls))
+        return micro
 
 
 @dataclass
@@ -103,14 +128,22 @@ def check_resumable(state: dict, settings: Settings, cfg: TrainConfig, fingerpri
             "pass the same --model, or train without --resume"
         )
     saved = state.get("config", {})
-    for key in ("mode", "rank", "train_text_encoder"):
-        if saved.get(key) != getattr(cfg, key):
-            raise BadInput(f"the checkpoint was trained with {key}={saved.get(key)!r}, not {getattr(cfg, key)!r}; "
+    # Checkpoints from before --lora-alpha and --optimizer existed used alpha = rank and AdamW.
+    older = {"lora_alpha": saved.get("rank"), "optimizer": "adamw"}
+    for key in ("mode", "rank", "lora_alpha", "train_text_encoder", "optimizer"):
+        was = saved.get(key, older.get(key))
+        if was != getattr(cfg, key):
+            raise BadInput(f"the checkpoint was trained with {key}={was!r}, not {getattr(cfg, key)!r}; "
                            "pass the same options to resume it")
     if state.get("fingerprint") != fingerprint or state.get("world_size") != world:
-        changed = sorted(k for k, v in cfg.weight_params().items() if saved.get(k) != v)
+        changed = changed_options(saved, cfg.weight_params())
         log.warn(f"resuming with changed options ({', '.join(changed) or 'number of processes'}): "
                  "the result will not equal an uninterrupted run")
+
+
+def changed_options(saved: dict, current: dict) -> list[str]:
+    """`rank: 4 → 8` for every weight-changing option that differs from a checkpoint's."""
+    return [f"{key}: {saved.get(key)!r} → {value!r}" for key, value in sorted(current.items()) if saved.get(key) != value]
 
 
 # ---------------------------------------------------------------- model set-up
@@ -143,13 +176,13 @@ def set_trainable(pipe, cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str
         from peft import LoraConfig
 
         unet.to(weight_dtype)  # the frozen base may be half precision; the LoRA layers stay fp32
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, lora_dropout=cfg.lora_dropout,
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                     init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
         if cfg.train_text_encoder:
             # peft directly: transformers' own `add_adapter` insists on a newer peft than diffusers needs.
             from peft import inject_adapter_in_model
 
-            inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, lora_dropout=cfg.lora_dropout,
+            inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS),
                                     text_encoder)
     if cfg.gradient_checkpointing:
@@ -161,6 +194,16 @@ def set_trainable(pipe, cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str
     for param in trained.values():
         param.data = param.data.float()
     return trained
+
+
+def make_optimizer(kind: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' AdamW with 8-bit moments (block-wise quantised; small tensors keep fp32 ones)."""
+    settings = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": weight_decay}
+    if kind == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **settings)
+    return torch.optim.AdamW(groups, **settings)
 
 
 def enable_text_checkpointing(text_encoder) -> None:
@@ -184,6 +227,8 @@ class Train(SingleUnitStage):
         cfg = cfg.resolved(native_resolution(settings), settings.project.get("seed"), settings.device)
         if cfg.resume and settings.force:
             raise BadInput("--force starts over and --resume continues a run; pass one of them")
+        if cfg.resume not in (None, "latest"):
+            checkpoint.find_checkpoint(self.run_dir / "checkpoints", cfg.resume)  # a bad path fails before all else
         self.instance_files = list_images(cfg.instance_dir, "instance")
         self.prior = prior = find_prior(settings, cfg, self.run_dir)
         self.cfg = replace(cfg, class_prompt=None, prior_loss_weight=0.0) if prior is None else replace(
@@ -198,6 +243,9 @@ class Train(SingleUnitStage):
         """Read and check every input, decide where to resume, and set the training up."""
         refuse_links(self.run_dir)  # checkpoints/, validation/ and weights/ are written below it
         instance_arrays = read_images(self.instance_files)
+        self.photos = describe_photos(self.instance_files, instance_arrays)
+        for warning in photo_warnings(self.photos, self.cfg.resolution):
+            log.warn(warning)
         if self.prior:
             check_images(self.prior.files)
         resume_from = self.resume_point()
@@ -212,9 +260,14 @@ class Train(SingleUnitStage):
         if not found or self.settings.force:
             return None
         step, latest = found[-1]
-        if checkpoint.read_state(latest).get("fingerprint") != self.run.fingerprint:
-            raise BadInput(f"{root} holds checkpoints of a training with other options (latest: step {step}); "
-                           "pass --resume latest to continue it with these options, or --force to start over")
+        state = checkpoint.read_state(latest)
+        if state.get("fingerprint") != self.run.fingerprint:
+            changes = changed_options(state.get("config", {}), self.cfg.weight_params())
+            if state.get("base_model") != self.settings.model.identity:
+                changes.insert(0, f"model: {state.get('base_model_spec')} → {self.settings.model.spec}")
+            raise BadInput(f"{root} holds checkpoints of a training with other options (latest: step {step}; "
+                           f"{', '.join(changes) or 'other photos or class images'}); pass --resume latest to "
+                           "continue it with these options (where they are compatible), or --force to start over")
         log.note(f"resuming from {latest.name} (same options); pass --force to start over")
         return latest
 
@@ -225,7 +278,7 @@ class Train(SingleUnitStage):
             return None
         if trainer.main:
             write_weights(scratch, trainer, self.cfg, self.settings)
-        return {"steps": trainer.step, "mode": self.cfg.mode, "last": trainer.last}
+        return {"steps": trainer.step, "mode": self.cfg.mode, "last": trainer.last, "photos": self.photos}
 
     def complete(self, summary: dict, started: float, swap_in) -> None:
         if self.trainer.main:
@@ -269,7 +322,8 @@ class Trainer:
     def set_up_model(self) -> None:
         cfg, prior = self.cfg, self.prior
         seed_everything(cfg.seed)  # before LoRA layers are made: their initialisation is random
-        self.pipe = pipe = load_pipeline(self.settings.model, self.accelerator.device, torch.float32)
+        self.pipe = pipe = load_pipeline(self.settings.model, self.accelerator.device, torch.float32,
+                                         self.settings.model_config)
         check_prompt(pipe.tokenizer, cfg.instance_prompt, "the instance prompt")
         if prior:
             check_prompt(pipe.tokenizer, prior.prompt, "the class prompt")
@@ -294,7 +348,7 @@ class Trainer:
         groups = [{"params": unet_params, "lr": cfg.learning_rate}]
         if text_params:
             groups.append({"params": text_params, "lr": cfg.text_encoder_lr})
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay)
         # Stepped once per optimizer step, in every process alike (not through accelerate's wrapper,
         # which would step it once per process).
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -373,45 +427,35 @@ class Trainer:
             self.text_encoder.train()
         budget = cfg.max_steps - self.step if cfg.stop_after is None else min(cfg.max_steps - self.step,
                                                                               cfg.stop_after)
-        with log.progress("train", budget, "steps") as bar:
+        # The bar counts the whole run: a resumed run starts at the checkpoint's step.
+        with self.metrics, log.progress("train", cfg.max_steps, "steps", done=self.step) as bar:
             while self.step < cfg.max_steps and self.steps_here < budget:
                 self.last = self.train_step()
                 self.metrics.write(self.last)
+                bar.values(loss=self.last["loss"], prior=self.last["prior_loss"], lr=self.last["lr"])
                 bar.advance()
-                bar.phase(f"loss {self.last['loss']:.4f}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or self.steps_here == budget:
                     self.save_checkpoint()
                     self.evaluate()
                 if cfg.validation_prompt and self.main and (self.step % cfg.validation_every == 0
                                                             or self.step == cfg.max_steps):
-                    validate(self.pipe, self.raw_unet, self.raw_text, cfg, self.step, self.run_dir / "validation",
-                             self.accelerator)
-        self.metrics.close()
+                    images = validate(self.pipe, self.raw_unet, self.raw_text, cfg, self.step,
+                                      self.run_dir / "validation", self.accelerator)
+                    self.metrics.images(self.step, images)
 
     def train_step(self) -> dict:
-        """One optimizer step on MSE(instance) + λ·MSE(class); returns the step's metrics line."""
-        cfg, accelerator, generator = self.cfg, self.accelerator, self.generator
+        """One optimizer step on MSE(instance) + λ·MSE(class) over `gradient_accumulation` micro-batches;
+        returns the step's metrics line."""
+        cfg, accelerator = self.cfg, self.accelerator
         began = time.perf_counter()
-        # The global batch is drawn in every process alike; each process takes its own slice.
-        n_inst = cfg.batch_size
-        mine = slice(self.rank * n_inst, (self.rank + 1) * n_inst)
-        inst_idx = self.instance_order.take(n_inst * self.world)[mine]
-        cls_idx = self.class_order.take(n_inst * self.world)[mine] if self.class_order else []
-        latents = self.instances.sample(inst_idx, generator)
-        if self.classes is not None:
-            latents = torch.cat([latents, self.classes.sample(cls_idx, generator)])
-        noise = draw_noise(tuple(latents.shape), generator, cfg.offset_noise).to(latents.device)
-        timesteps = draw_timesteps(len(latents), self.num_timesteps, generator).to(latents.device)
-
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        cond = self.conditioning.batch([len(inst_idx), len(cls_idx)], self.text_encoder)
-        pred = self.unet(noisy, timesteps, cond).sample
-        target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
-        weights = snr_weights(self.noise_scheduler, timesteps, cfg.snr_gamma) if cfg.snr_gamma else None
-        loss, inst_loss, prior_loss = dreambooth_loss(pred, target, len(inst_idx), cfg.prior_loss_weight, weights)
-
-        accelerator.backward(loss)
-        if cfg.max_grad_norm > 0 and accelerator.sync_gradients:
+        parts = cfg.gradient_accumulation
+        # The whole step's batch is drawn at once, so N micro-batches of B see exactly the draws of one batch of N·B.
+        micro = self.draw_batch(cfg.batch_size * parts).split(parts)
+        terms = []
+        for index, part in enumerate(micro):
+            with self.no_sync(index < parts - 1):  # gradients are all-reduced once, after the last micro-batch
+                terms.append(self.backward(part, parts))
+        if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(list(self.trained.values()), cfg.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -419,14 +463,51 @@ class Trainer:
         self.step += 1
         self.steps_here += 1
 
-        mean = lambda value: float(accelerator.reduce(value.detach(), "mean"))  # noqa: E731
+        # Each micro-batch's terms are means over equal shares of the batch: their mean is the batch's.
+        mean = lambda values: float(accelerator.reduce(torch.stack(values).mean(), "mean"))  # noqa: E731
+        loss, inst_loss, prior_loss = (list(column) for column in zip(*terms))
         lrs = self.lr_scheduler.get_last_lr()
         return {
             "step": self.step, "epoch": self.instance_order.epoch, "loss": mean(loss),
-            "instance_loss": mean(inst_loss), "prior_loss": mean(prior_loss) if prior_loss is not None else None,
+            "instance_loss": mean(inst_loss), "prior_loss": mean(prior_loss) if self.classes is not None else None,
             "prior_loss_weight": cfg.prior_loss_weight, "lr": lrs[0], "lr_text_encoder": lrs[1] if len(lrs) > 1 else None,
             "step_seconds": round(time.perf_counter() - began, 4),
         }
+
+    def draw_batch(self, n_inst: int) -> "Batch":
+        """This process's `n_inst` instance examples (and as many class examples), noise and timesteps."""
+        generator = self.generator
+        # The global batch is drawn in every process alike; each process takes its own slice.
+        mine = slice(self.rank * n_inst, (self.rank + 1) * n_inst)
+        inst_idx = self.instance_order.take(n_inst * self.world)[mine]
+        cls_idx = self.class_order.take(n_inst * self.world)[mine] if self.class_order else []
+        latents = self.instances.sample(inst_idx, generator)
+        if self.classes is not None:
+            latents = torch.cat([latents, self.classes.sample(cls_idx, generator)])
+        noise = draw_noise(tuple(latents.shape), generator, self.cfg.offset_noise).to(latents.device)
+        timesteps = draw_timesteps(len(latents), self.num_timesteps, generator).to(latents.device)
+        return Batch(latents, noise, timesteps, len(inst_idx), len(cls_idx))
+
+    def backward(self, part: "Batch", parts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of one micro-batch, its loss divided by `parts` so the gradients add up to
+        the whole batch's; returns (loss, instance term, prior term) of the micro-batch."""
+        cfg, scheduler = self.cfg, self.noise_scheduler
+        noisy = scheduler.add_noise(part.latents, part.noise, part.timesteps)
+        cond = self.conditioning.batch([part.n_inst, part.n_cls], self.text_encoder)
+        pred = self.unet(noisy, part.timesteps, cond).sample
+        target = prediction_target(scheduler, part.latents, part.noise, part.timesteps)
+        weights = snr_weights(scheduler, part.timesteps, cfg.snr_gamma) if cfg.snr_gamma else None
+        terms = dreambooth_loss(pred, target, part.n_inst, cfg.prior_loss_weight, weights)
+        self.accelerator.backward(terms[0] / parts)
+        return tuple(t.detach() if t is not None else None for t in terms)
+
+    def no_sync(self, skip: bool) -> contextlib.ExitStack:
+        """Under several processes: no gradient all-reduce for this backward when `skip`."""
+        stack = contextlib.ExitStack()
+        if skip:
+            for model in [self.unet] + ([self.text_encoder] if self.cfg.train_text_encoder else []):
+                stack.enter_context(self.accelerator.no_sync(model))
+        return stack
 
     def report(self) -> dict:
         latest = checkpoint.list_checkpoints(self.ckpt_root)
@@ -451,6 +532,7 @@ def write_weights(folder: Path, trainer: Trainer, cfg: TrainConfig, settings: Se
     write_info(folder, {
         "mode": cfg.mode, "base_model": settings.model.identity, "base_model_spec": settings.model.spec,
         "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt, "identifier": cfg.identifier,
-        "rank": cfg.rank if cfg.mode == "lora" else None, "train_text_encoder": cfg.train_text_encoder,
+        "rank": cfg.rank if cfg.mode == "lora" else None,
+        "lora_alpha": cfg.lora_alpha if cfg.mode == "lora" else None, "train_text_encoder": cfg.train_text_encoder,
         "steps": cfg.max_steps, "resolution": cfg.resolution,
     })

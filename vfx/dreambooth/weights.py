@@ -15,23 +15,46 @@ from vfx.diffusion.lora import LORA_FILE
 from vfx.errors import BadInput, MissingStage
 from vfx.fsutil import atomic_write_json, read_json
 from vfx.graph import WHOLE, spec
+from vfx.portable import portable_pipeline, text_encoder_keys
 from vfx.stage import StageFolder, upstream
 
 INFO_FILE = "dreambooth.json"
 
 
 def save_lora(folder: Path, unet, text_encoder=None) -> Path:
-    """The trained LoRA layers in diffusers' format (what `load_lora_weights` reads)."""
+    """The trained LoRA layers in diffusers' layout, readable by `load_lora_weights` on every maintained
+    stack: the text encoder's keys under `text_encoder.text_model.…` (transformers 4.x names them so,
+    and 5.x reads them), and alpha/rank folded into the up weights, so loaders that assume alpha =
+    rank (diffusers before 0.35, which ignore the metadata) give the trained model exactly.
+    """
+    import inspect
+
     from diffusers import StableDiffusionPipeline
+
+    unet_layers, unet_meta = lora_layers(unet)
+    text_layers, text_meta = lora_layers(text_encoder) if text_encoder is not None else (None, None)
+    if text_layers is not None:
+        renamed = text_encoder_keys(text_layers, type(text_encoder).__name__)
+        text_layers = {renamed[k]: v for k, v in text_layers.items()}
+    options = {}
+    if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
+        options = {"unet_lora_adapter_metadata": unet_meta, "text_encoder_lora_adapter_metadata": text_meta}
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=unet_layers,
+                                              text_encoder_lora_layers=text_layers, safe_serialization=True, **options)
+    return Path(folder) / LORA_FILE
+
+
+def lora_layers(model) -> tuple[dict, dict]:
+    """A model's LoRA layers in diffusers' layout with alpha/rank folded in, and the adapter metadata
+    that says so (rank, alpha = rank, target modules; nothing a loader's older peft would not know)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if text_encoder else None
-    StableDiffusionPipeline.save_lora_weights(
-        str(folder), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True
-    )
-    return Path(folder) / LORA_FILE
+    config = model.peft_config["default"]
+    scale = config.lora_alpha / config.r
+    layers = {k: v * scale if ".lora_B." in k else v for k, v in get_peft_model_state_dict(model).items()}
+    meta = {"r": config.r, "lora_alpha": config.r, "target_modules": sorted(config.target_modules)}
+    return convert_state_dict_to_diffusers(layers), meta
 
 
 def save_full(folder: Path, base_pipe, unet, text_encoder) -> Path:
@@ -43,6 +66,7 @@ def save_full(folder: Path, base_pipe, unet, text_encoder) -> Path:
         scheduler=base_pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
+    portable_pipeline(folder)
     return Path(folder)
 
 

@@ -1,7 +1,8 @@
 """`vfx decode`: latents (the source's or an edit's) -> decoded/<name>/ frames and an H.264 video.
 
 Frame decoding is sharded by chunk; the video is written by whichever process completes the
-last chunk, once every frame is present, at the source's frame rate.
+last chunk, once every frame is present, at the source's frame rate. When extract kept the source's
+audio (frames/audio.m4a), it is copied into the video, starting with the first frame.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vfx.errors import BadInput
 from vfx.media import write_mp4
 from vfx.project import validate_name
 from vfx.settings import Settings
+from vfx.stages.extract import AUDIO
 from vfx.stage import Part, StageRun, Upstream, upstream
 from vfx.store import chunk_ranges, create_array, open_array
 
@@ -59,10 +61,16 @@ class Decode(Stage):
         self.latents = open_array(source.folder / "latents.zarr")
         frames = upstream(settings.project, "extract", "frames.zarr")
         self.fps = Fraction(frames.record["summary"]["fps"])
+        inputs = source.input()
+        self.audio = None
+        if frames.record["summary"].get("audio"):
+            audio = upstream(settings.project, "extract", AUDIO)
+            self.audio = audio.folder / AUDIO
+            inputs.update(audio.input())
         self.ranges = chunk_ranges(self.latents.shape[0], self.latents.chunks[0])
         self.folder = settings.folder("decoded", self.name)
         params = {"model": settings.model.identity, "png": png}
-        self.run = StageRun(self.folder, "decode", params, source.input(), len(self.ranges),
+        self.run = StageRun(self.folder, "decode", params, inputs, len(self.ranges),
                             force=settings.force, shard=settings.shard)
 
     def prepare(self) -> None:
@@ -90,14 +98,15 @@ class Decode(Stage):
 
     def finalize(self) -> dict:
         with log.err.status("writing video"):
-            written = write_mp4(self.folder / "video.mp4", self.stream(), self.fps)
+            written = write_mp4(self.folder / "video.mp4", self.stream(), self.fps, audio=self.audio)
         if self.png:
             png_dir = self.folder / "png"
             png_dir.mkdir(exist_ok=True)
             for index, frame in enumerate(self.stream()):
                 Image.fromarray(frame).save(png_dir / f"{index:05d}.png")
         log.info(f"decode: {written} frames -> {self.folder / 'video.mp4'}")
-        return {"frames": written, "fps": str(self.fps), "video": str(self.folder / "video.mp4")}
+        summary = {"frames": written, "fps": str(self.fps), "video": str(self.folder / "video.mp4")}
+        return {**summary, "audio": True} if self.audio else summary
 
     def report(self, summary: dict) -> dict:
         return {"video": str(self.folder / "video.mp4") if summary else None}

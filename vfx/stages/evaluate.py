@@ -20,7 +20,7 @@ from vfx.errors import BadInput, MissingStage
 from vfx.fsutil import atomic_write_json, read_json
 from vfx.project import Project, validate_name
 from vfx.driver import Stage, drive
-from vfx.stage import Part, Shard, StageFolder, StageRun, Upstream, upstream
+from vfx.stage import Part, Shard, StageFolder, StageRun, Upstream, is_complete, upstream
 from vfx.store import chunk_ranges, open_array
 
 FOLDER = "eval"
@@ -57,9 +57,10 @@ def _decoded(project: Project, name: str) -> Upstream:
 
 
 def _reconstruction(project: Project) -> Upstream | None:
-    """The inversion's reconstruction, when the invert stage is complete."""
-    if not StageFolder(project.path("inversion")).is_complete():
-        return None
+    """The inversion's reconstruction, when the invert stage is complete and made one."""
+    record = StageFolder(project.path("inversion")).record()
+    if not is_complete(record) or record.get("params", {}).get("reconstruction") is False:
+        return None  # no inversion, or one run with --no-reconstruction
     try:
         return upstream(project, "invert", "reconstruction.zarr")
     except MissingStage:

@@ -1,27 +1,34 @@
-"""`vfx extract`: a video or image folder -> frames/frames.zarr (uint8 [N, H, W, 3]).
+"""`vfx extract`: a video or image folder -> frames/frames.zarr (uint8 [N, H, W, 3]) and, when the video
+has sound, frames/audio.m4a (AAC: the audio of the selected frames, from the first one's time on, as
+long as they last at the output fps).
 
 Decoding is sequential, so extract is one unit of work: it streams frames into a scratch array
 chunk by chunk (never holding the video in memory) and swaps it in only when complete, so a
-failure leaves any earlier frames untouched.
+failure leaves any earlier frames untouched. Audio is kept only when the frames keep the source's
+timing: with `--stride` above 1 or an `--fps` other than the source's, it would no longer be in sync,
+so it is left out with a note.
 """
 
 from __future__ import annotations
 
 import hashlib
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 
 from vfx import log
 from vfx.driver import SingleUnitStage, drive
 from vfx.errors import BadInput
-from vfx.media import Selection, iter_source, probe, resize_cover, target_size
+from vfx.media import Selection, iter_source, keep_audio, probe, resize_cover, target_size
 from vfx.project import Project
 from vfx.stage import StageRun
 from vfx.store import create_array
 
 FOLDER = "frames"
 ARRAY = "frames.zarr"
+AUDIO = "audio.m4a"
 
 
 def source_identity(path: Path) -> str:
@@ -72,8 +79,11 @@ class Extract(SingleUnitStage):
                 buffer = []
 
         expected = self.selection.max_frames or self.info.frames or 0
+        first_time = None
         with log.progress("extract", expected, "frames") as bar:
-            for frame in self.selection.select(iter_source(self.info)):
+            timed = ((index, time, (time, frame)) for index, time, frame in iter_source(self.info))
+            for time, frame in self.selection.select(timed):
+                first_time = time if first_time is None else first_time
                 buffer.append(resize_cover(frame, width, height))
                 bar.advance()
                 if len(buffer) == chunk:
@@ -85,8 +95,33 @@ class Extract(SingleUnitStage):
         summary = {"frames": count, "width": width, "height": height, "fps": str(out_fps),
                    "fps_float": float(out_fps), "source": self.info.as_dict()}
         array.attrs.update(summary)
+        summary["audio"] = self.audio(scratch / AUDIO, first_time, count / out_fps, out_fps)
         log.info(f"extract: {count} frames {width}x{height} at {float(out_fps):.3g} fps -> {self.run.path / ARRAY}")
         return summary
+
+    def audio(self, out: Path, start: float, seconds: Fraction, out_fps: Fraction) -> dict | None:
+        """The source's audio over the selected frames, when it stays in sync with them."""
+        if not self.info.has_audio:
+            return None
+        if out_fps != self.info.fps:
+            change = f"--stride {self.selection.stride}" if self.selection.fps is None else f"--fps {self.selection.fps:g}"
+            log.note(f"extract: the audio is not kept: {change} changes the video's timing "
+                     f"({float(self.info.fps):.3g} -> {float(out_fps):.3g} fps), so it would no longer be in sync")
+            return None
+        try:
+            return keep_audio(self.source, out, start, seconds)
+        except av.FFmpegError as exc:
+            out.unlink(missing_ok=True)
+            log.warn(f"extract: the audio of {self.source} is not kept: it could not be decoded or encoded ({exc})")
+            return None
+
+    def complete(self, summary: dict, started: float, swap_in) -> None:
+        def swap_in_and_drop_old_audio() -> None:
+            swap_in()
+            if not summary.get("audio"):
+                (self.run.path / AUDIO).unlink(missing_ok=True)
+
+        super().complete(summary, started, swap_in_and_drop_old_audio)
 
     def report(self, summary: dict) -> dict:
         return summary

@@ -18,6 +18,7 @@ from vfx import log
 from vfx.diffusion.ddim import Schedule
 from vfx.diffusion.text import encode_prompt
 from vfx.errors import BadInput
+from vfx.project import EMPTY_PROMPT
 from vfx.media import write_mp4
 from vfx.metrics import psnr
 from vfx.driver import Stage, drive
@@ -112,6 +113,8 @@ class Invert(Stage):
     def prepare(self) -> None:
         self.schedule = self.settings.schedule()
         self.grid, self.saved = inversion_plan(self.schedule, self.steps, self.save_steps)
+        if not self.prompt:  # once the options are known to be good: a refusal stays one line
+            log.warn(EMPTY_PROMPT)
         self.steps_per_unit = self.chunk * len(self.grid) * (2 if self.reconstruction else 1)
         self.pipe = self.settings.pipeline()
         self.embedding = encode_prompt(self.pipe, self.prompt)

@@ -1,0 +1,155 @@
+"""`vfx export`: a DreamBooth run's weights in the files other tools load.
+
+- `diffusers`: the LoRA file, or the full pipeline folder, as `vfx train` made them (both load under
+  transformers 4.x and 5.x, with diffusers >= 0.30).
+- `kohya`: a LoRA as one `.safetensors` in kohya's layout (`lora_unet_…`, `lora_te_…`, `.alpha`,
+  `ss_*` metadata): what A1111, ComfyUI and kohya's scripts load. Converted with diffusers'
+  `convert_state_dict_to_kohya`.
+- `checkpoint`: a full fine-tune (SD 1.x or 2.x) as one original-layout (LDM) `.safetensors`, for
+  `from_single_file(..., config=BASE)`, A1111 and ComfyUI. The key map is vfx's own (vfx.ldm_layout):
+  diffusers' library converts only the other way.
+
+The export is written beside PATH and renamed into place when complete; an existing PATH is
+replaced only with --force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from vfx import log
+from vfx.errors import BadInput
+from vfx.fsutil import output_file, replace_path
+from vfx.stage import RECORD
+from vfx.dreambooth.weights import INFO_FILE, TrainedWeights, trained_weights
+
+FORMATS = ("kohya", "diffusers", "checkpoint")
+
+
+def export(project, name: str, fmt: str, out: Path, force: bool = False) -> dict:
+    if fmt not in FORMATS:
+        raise BadInput(f"invalid --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    weights = trained_weights(project, name)
+    out = Path(out).expanduser().absolute()
+    check_target(out, force)
+    if fmt == "kohya" and weights.mode != "lora":
+        raise BadInput(f"run {name} is a full fine-tune: --format kohya is for LoRA runs; "
+                       "use --format checkpoint (one .safetensors) or diffusers (a folder)")
+    if fmt == "checkpoint" and weights.mode != "full":
+        raise BadInput(f"run {name} is a LoRA: --format checkpoint is for full fine-tunes; use --format kohya")
+    if not (fmt == "diffusers" and weights.mode == "full"):  # everything else is one file
+        output_file(out, "--out", ".safetensors")
+    scratch = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        WRITERS[fmt](weights, scratch, name)
+        replace_path(scratch, out)
+    finally:
+        if scratch.is_dir():
+            shutil.rmtree(scratch)
+        scratch.unlink(missing_ok=True)
+    log.info(f"export: {fmt} weights of run {name} in {out}")
+    return {"state": "complete", "name": name, "format": fmt, "mode": weights.mode, "out": str(out)}
+
+
+def check_target(out: Path, force: bool) -> None:
+    if out.is_symlink():
+        raise BadInput(f"--out {out} is a symbolic link; vfx does not write through links")
+    if out.exists() and not force:
+        raise BadInput(f"--out {out} already exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise BadInput(f"--out {out}: the folder {out.parent} does not exist")
+
+
+# ---------------------------------------------------------------- writers
+
+
+def write_diffusers(weights: TrainedWeights, target: Path, name: str) -> None:
+    if weights.lora is not None:
+        shutil.copyfile(weights.lora, target)
+        return
+    shutil.copytree(weights.folder, target, ignore=shutil.ignore_patterns(RECORD, ".*"))
+
+
+def write_kohya(weights: TrainedWeights, target: Path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    info = json.loads((weights.folder / INFO_FILE).read_text())
+    state = kohya_layers(load_file(str(weights.lora)), has_second_text_encoder=False)
+    save_file(state, str(target), metadata=kohya_metadata(info, name, v2=is_v2(weights)))
+
+
+def kohya_layers(state: dict, has_second_text_encoder: bool) -> dict:
+    """diffusers-layout LoRA layers (alpha already folded in) -> kohya's names, with alpha = rank."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    peft = {f"unet.{k}": v for k, v in convert_unet_state_dict_to_peft(part(state, "unet.")).items()}
+    text = part(state, "text_encoder.")
+    if text:
+        peft.update({f"text_encoder.{k}": v for k, v in convert_state_dict_to_peft(text).items()})
+    kohya = convert_state_dict_to_kohya(peft)
+    if not has_second_text_encoder:  # SD 1.x/2.x: kohya names the one text encoder `lora_te`
+        kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
+    return {k: v.to(torch.float32) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
+
+
+def part(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def kohya_metadata(info: dict, name: str, v2: bool) -> dict[str, str]:
+    """The `ss_*` fields kohya's scripts write and A1111/ComfyUI show (every value a string)."""
+    rank = str(info.get("rank"))
+    return {
+        "ss_network_module": "networks.lora", "ss_network_dim": rank,
+        "ss_network_alpha": rank,  # the trained alpha/rank is folded into the up weights
+        "ss_base_model_version": "sd_v2" if v2 else "sd_v1", "ss_v2": str(v2),
+        "ss_sd_model_name": str(info.get("base_model_spec")), "ss_output_name": name,
+        "ss_steps": str(info.get("steps")), "ss_resolution": f"({info.get('resolution')}, {info.get('resolution')})",
+        "ss_training_comment": f"vfx DreamBooth: {info.get('instance_prompt')}",
+        "ss_text_encoder_trained": str(bool(info.get("train_text_encoder"))),
+    }
+
+
+def is_v2(weights: TrainedWeights) -> bool:
+    """SD 2.x uses OpenCLIP (gelu); SD 1.x uses OpenAI CLIP (quick_gelu)."""
+    from vfx.models import resolve_model, tiny_model_dir
+
+    ref = resolve_model(weights.base_spec)
+    folder = weights.folder if weights.mode == "full" else (
+        tiny_model_dir(ref.location) if ref.is_tiny else Path(ref.location))
+    config = folder / "text_encoder" / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("hidden_act") == "gelu"
+
+
+def write_checkpoint(weights: TrainedWeights, target: Path, name: str) -> None:
+    from safetensors.torch import save_file
+
+    from vfx.ldm_layout import open_clip_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+
+    folder = weights.folder
+    state = unet_to_ldm(component(folder / "unet"), config(folder / "unet"))
+    state.update(vae_to_ldm(component(folder / "vae"), config(folder / "vae")))
+    text_to_ldm = open_clip_to_ldm if is_v2(weights) else text_encoder_to_ldm
+    state.update(text_to_ldm(component(folder / "text_encoder")))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target), metadata={"format": "pt"})
+
+
+def config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def component(folder: Path) -> dict:
+    """Every tensor of a saved model folder (one file or shards)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+WRITERS = {"diffusers": write_diffusers, "kohya": write_kohya, "checkpoint": write_checkpoint}
