@@ -26,6 +26,18 @@ def make_project(root: Path, model: str = "tiny") -> Path:
     return root
 
 
+def project_with_class_images(base: Path) -> tuple[Path, Path, Path]:
+    """(project, generated subject photos, 2 class images in dreambooth/prior/class) under `base`."""
+    root = make_project(base / "proj")
+    photos = make_photos(base / "photos")
+    ok("regularize", root, "--name", "prior", "--class-prompt", CLASS_PROMPT, "--num-images", "2", "--steps", "2")
+    return root, photos, run_dir(root, "prior") / "class"
+
+
+def with_prior(class_dir, weight: str = "1.0") -> list:
+    return ["--class-dir", class_dir, "--class-prompt", CLASS_PROMPT, "--prior-loss-weight", weight]
+
+
 def train_args(root: Path, name: str, photos: Path, *extra: str, steps: int = 4) -> list:
     return ["train", root, "--name", name, "--instance-dir", photos, "--instance-prompt", PROMPT,
             "--max-steps", str(steps), "--checkpoint-every", "2", "--learning-rate", "1e-3", *extra]

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import assert_bad, invoke, ok, tiny_pipe
 from dreambooth_helpers import (
-    CLASS_PROMPT, PROMPT, assert_same_tensors, file_states, make_photos, make_project, metrics, run_dir, train_args,
-    trained_tensors,
+    CLASS_PROMPT, PROMPT, assert_same_tensors, file_states, metrics, project_with_class_images, run_dir, train_args,
+    trained_tensors, with_prior,
 )
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -35,15 +35,8 @@ needs_bnb = pytest.mark.skipif(not has_bitsandbytes(),
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
     """A project with generated subject photos and 2 class images (dreambooth/prior/class)."""
-    base = tmp_path_factory.mktemp("mem")
-    root = make_project(base / "proj")
-    photos = make_photos(base / "photos")
-    ok("regularize", root, "--name", "prior", "--class-prompt", CLASS_PROMPT, "--num-images", "2", "--steps", "2")
-    return root, photos, run_dir(root, "prior") / "class"
+    return project_with_class_images(tmp_path_factory.mktemp("mem"))
 
-
-def with_prior(class_dir):
-    return ["--class-dir", class_dir, "--class-prompt", CLASS_PROMPT]
 
 
 def step_lines(root, name):

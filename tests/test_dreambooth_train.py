@@ -10,23 +10,16 @@ import torch
 
 from conftest import DOG_PHOTOS, invoke, ok, require_shared, run_cli, tiny_pipe
 from dreambooth_helpers import (
-    CLASS_PROMPT, PROMPT, assert_same_tensors, file_states, make_photos, make_project, metrics, run_dir,
-    train_args, trained_tensors,
+    CLASS_PROMPT, PROMPT, assert_same_tensors, file_states, make_photos, make_project, metrics,
+    project_with_class_images, run_dir, train_args, trained_tensors, with_prior,
 )
 
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
     """A project with generated subject photos and 2 class images (dreambooth/prior/class)."""
-    base = tmp_path_factory.mktemp("db")
-    root = make_project(base / "proj")
-    photos = make_photos(base / "photos")
-    ok("regularize", root, "--name", "prior", "--class-prompt", CLASS_PROMPT, "--num-images", "2", "--steps", "2")
-    return root, photos, run_dir(root, "prior") / "class"
+    return project_with_class_images(tmp_path_factory.mktemp("db"))
 
-
-def with_prior(class_dir, weight="1.0"):
-    return ["--class-dir", class_dir, "--class-prompt", CLASS_PROMPT, "--prior-loss-weight", weight]
 
 
 def step_lines(root, name):
