@@ -65,7 +65,8 @@ def test_unreachable_sizes(extracted, size):
 
 
 @pytest.mark.parametrize("args", [["--short-side", "0"], ["--short-side", "5000"], ["--stride", "0"],
-                                  ["--fps", "-1"], ["--start", "abc"], ["--size", "64x64", "--short-side", "64"]])
+                                  ["--fps", "-1"], ["--start", "abc"], ["--size", "64x64", "--short-side", "64"],
+                                  ["--fit", "crop"]])
 def test_bad_selection(extracted, args):
     before = snapshot(extracted)
     assert_bad(invoke("extract", extracted, *args))

@@ -7,8 +7,10 @@ from fractions import Fraction
 
 import numpy as np
 
-from conftest import make_video
-from vfx.media import Selection, apply_rotation, iter_source, probe, resize_cover, target_size
+import zarr
+
+from conftest import make_video, ok
+from vfx.media import Selection, apply_rotation, iter_source, probe, resize_frame, target_size
 
 
 def test_display_rotation_is_undone():
@@ -37,10 +39,52 @@ def test_rotated_source_frames_come_out_upright(tmp_path):
 def test_resize_policy_covers_then_crops_the_centre():
     image = np.zeros((100, 200, 3), np.uint8)
     image[:, 90:110] = 255  # a centred stripe
-    out = resize_cover(image, 64, 64)
+    out = resize_frame(image, 64, 64)
     assert out.shape == (64, 64, 3)
     assert out[:, 28:36].mean() > 200 and out[:, :8].mean() == 0
     assert target_size(1920, 1080, None, 384) == (680, 384)
+
+
+def test_default_size_keeps_the_aspect_ratio_and_never_upscales():
+    assert target_size(1920, 1080, "auto", None, native=512) == (912, 512)  # 16:9, long side rounded to 8
+    assert target_size(1080, 1920, None, None, native=768) == (768, 1368)  # portrait, a 768 model
+    assert target_size(320, 180, "auto", None, native=512) == (312, 176)  # the source's short side, to a multiple of 8
+    assert target_size(1920, 1080, (512, 512), None, "contain") == (512, 288)  # fits inside the box
+    assert target_size(1920, 1080, (512, 512), None, "stretch") == (512, 512)
+    assert target_size(1920, 1080, (512, 512), None, "cover") == (512, 512)
+
+
+def test_stretch_keeps_the_whole_frame_cover_crops_it():
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[:, :10] = 255  # a stripe at the left edge
+    assert resize_frame(image, 64, 64, "stretch")[:, :2].mean() > 200
+    assert resize_frame(image, 64, 64, "cover")[:, :2].mean() == 0
+
+
+def wide_clip(path):
+    frame = np.full((72, 128, 3), 90, np.uint8)
+    frame[:, :8], frame[:, -8:] = 255, 0  # white at the left edge, black at the right
+    return make_video(path, [frame] * 3)
+
+
+def test_a_wide_video_keeps_its_whole_frame_by_default(tmp_path):
+    root = tmp_path / "p"
+    ok("init", root, "--video", wide_clip(tmp_path / "wide.mp4"))
+    assert 'size = "auto"' in (root / "vfx.toml").read_text()
+    ok("extract", root)
+    frames = zarr.open_array(root / "frames" / "frames.zarr", mode="r")[:]
+    # The tiny model's native side is 64: 128x72 -> 64 high, 113.8 wide -> 112, edges kept.
+    assert frames.shape == (3, 64, 112, 3)
+    assert frames[:, :, :2].mean() > 200 and frames[:, :, -2:].mean() < 40
+
+
+def test_a_project_keeps_the_size_its_vfx_toml_records(tmp_path):
+    root = tmp_path / "p"
+    ok("init", root, "--video", wide_clip(tmp_path / "wide.mp4"), "--size", "64x64")
+    ok("extract", root)
+    assert zarr.open_array(root / "frames" / "frames.zarr", mode="r").shape == (3, 64, 64, 3)
+    ok("extract", root, "--size", "64x64", "--fit", "contain", "--force")
+    assert zarr.open_array(root / "frames" / "frames.zarr", mode="r").shape == (3, 40, 64, 3)
 
 
 def test_fps_resampling_keeps_the_requested_rate():

@@ -1,8 +1,12 @@
 """Reading videos and image folders (PyAV, Pillow), the resize policy, and writing H.264 video.
 
-Resize policy: `--size WxH` scales the frame to cover WxH (keeping its aspect ratio), then crops
-the centre; `--short-side S` scales the short side to S and centre-crops each side down to a
-multiple of 8. Output sizes are always multiples of 8 (the VAE's downsampling factor).
+Resize policy (`extract`): by default (`--size auto`) the frame keeps its aspect ratio, its short side
+the model's native size, or the source's own when that is smaller (never upscaled). `--size WxH`
+chooses the frame with `--fit`: `cover` scales to cover WxH and crops the centre, `contain` scales
+to fit inside WxH (the frame keeps its aspect ratio, so one side may come out smaller), `stretch`
+resizes to exactly WxH. `--short-side S` scales the short side to S. Output sides are always
+multiples of 8 (the VAE's downsampling factor): the long side is rounded to the nearest one and the
+few pixels between are cropped (or stretched, with `--fit stretch`).
 """
 
 from __future__ import annotations
@@ -33,11 +37,17 @@ FOLDER_FPS = Fraction(24)  # frame rate assumed for a folder of images unless --
 
 # ---------------------------------------------------------------- sizes
 
+FITS = ("cover", "contain", "stretch")
+AUTO = "auto"
 
-def parse_size(text: str) -> tuple[int, int]:
+
+def parse_size(text: str) -> tuple[int, int] | str:
+    """`WxH` (each side a positive multiple of 8), or "auto": the source's aspect ratio kept."""
+    if (text or "").strip().lower() == AUTO:
+        return AUTO
     match = re.fullmatch(r"\s*(-?\d+)\s*[xX]\s*(-?\d+)\s*", text or "")
     if not match:
-        raise BadInput(f"invalid size {text!r}: expected WxH, e.g. 512x512")
+        raise BadInput(f"invalid size {text!r}: expected WxH, e.g. 512x512, or auto")
     width, height = int(match.group(1)), int(match.group(2))
     for side in (width, height):
         if side <= 0 or side % 8 or side > MAX_SIDE:
@@ -45,23 +55,46 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def target_size(src_w: int, src_h: int, size: tuple[int, int] | None, short_side: int | None) -> tuple[int, int]:
+def _multiple_of_8(side: float) -> int:
+    return max(8, int(side / 8 + 0.5) * 8)  # to the nearest multiple, halves up
+
+
+def target_size(src_w: int, src_h: int, size: tuple[int, int] | str | None, short_side: int | None,
+                fit: str = "cover", native: int = 512) -> tuple[int, int]:
+    """The output frame size for a `src_w` x `src_h` source (see the module's resize policy)."""
+    if fit not in FITS:
+        raise BadInput(f"invalid --fit {fit!r}: use one of {', '.join(FITS)}")
     if short_side is not None:
         if not 8 <= short_side <= MAX_SIDE:
             raise BadInput(f"invalid --short-side {short_side}: must be between 8 and {MAX_SIDE}")
         scale = short_side / min(src_w, src_h)
         width, height = (round(src_w * scale) // 8) * 8, (round(src_h * scale) // 8) * 8
-        if max(width, height) > MAX_SIDE:
-            raise BadInput(f"--short-side {short_side} makes a {width}x{height} frame, over the {MAX_SIDE} limit")
-        return width, height
-    return size if size else (src_w - src_w % 8, src_h - src_h % 8)
+    elif size is None or size == AUTO:
+        short = min(native, max(8, min(src_w, src_h) // 8 * 8))
+        scale = short / min(src_w, src_h)
+        width, height = _multiple_of_8(src_w * scale), _multiple_of_8(src_h * scale)
+    elif fit == "contain":
+        box_w, box_h = size
+        scale = min(box_w / src_w, box_h / src_h)
+        width, height = min(box_w, _multiple_of_8(src_w * scale)), min(box_h, _multiple_of_8(src_h * scale))
+    else:
+        width, height = size
+    if max(width, height) > MAX_SIDE:
+        raise BadInput(f"a {src_w}x{src_h} source makes a {width}x{height} frame, over the {MAX_SIDE} limit; "
+                       "pass a smaller --size or --short-side")
+    return width, height
 
 
-def resize_cover(frame: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Scale to cover width x height, keeping the aspect ratio, then crop the centre."""
+def resize_frame(frame: np.ndarray, width: int, height: int, fit: str = "cover") -> np.ndarray:
+    """`frame` at width x height: stretched with `fit="stretch"`, else scaled to cover it, keeping the
+    aspect ratio, with the centre cropped (for `contain` and the default size, only the rounding to
+    multiples of 8 is cropped: the frame size already has the source's aspect ratio)."""
     src_h, src_w = frame.shape[:2]
     if (src_w, src_h) == (width, height):
         return np.ascontiguousarray(frame)
+    if fit == "stretch":
+        interp = cv2.INTER_AREA if width * height < src_w * src_h else cv2.INTER_CUBIC
+        return np.ascontiguousarray(cv2.resize(frame, (width, height), interpolation=interp))
     scale = max(width / src_w, height / src_h)
     new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC

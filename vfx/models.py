@@ -328,6 +328,18 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model
     return pipe
 
 
+def native_size(ref: ModelRef) -> int | None:
+    """The side a model was trained at (the UNet's sample size times the VAE's downsampling), read
+    from its folder's configs; None for a single-file checkpoint, whose configs are inside the weights."""
+    folder = tiny_model_dir(ref.location) if ref.is_tiny else Path(ref.location)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def controlnet_dir(ref: ModelRef) -> Path | None:
     """The ControlNet bundled with the tiny model (real models take --control-model)."""
     if ref.is_tiny:

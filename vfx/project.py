@@ -16,7 +16,8 @@ CONFIG_NAME = "vfx.toml"
 # Project defaults written by `vfx init`; flags override them for one run.
 DEFAULTS: dict[str, Any] = {
     "model": "tiny",
-    "size": "512x512",
+    "size": "auto",  # the source's aspect ratio, short side the model's native size (or the source's)
+    "fit": "cover",  # how an explicit size is reached: cover (crop) | contain | stretch
     "max_frames": 0,  # 0: all frames
     "chunk_frames": 8,
     "seed": 0,
@@ -29,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
 SCHEMA: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "model": (str, None),
     "size": (str, None),
+    "fit": (str, lambda v: v in ("cover", "contain", "stretch")),
     "max_frames": (int, lambda v: v >= 0),
     "chunk_frames": (int, lambda v: v >= 1),
     "seed": (int, lambda v: v >= 0),
@@ -37,7 +39,7 @@ SCHEMA: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "prompt": (str, None),
     "video": (str, None),
 }
-RANGES = {"max_frames": "0 (all) or more", "chunk_frames": "at least 1", "seed": "0 or more"}
+RANGES = {"fit": "cover, contain or stretch", "max_frames": "0 (all) or more", "chunk_frames": "at least 1", "seed": "0 or more"}
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 

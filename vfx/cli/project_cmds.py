@@ -26,7 +26,8 @@ def init_cmd(
     root: ProjectDir,
     video: Annotated[Path | None, typer.Option(help="A video file or image folder; `vfx extract` reads it.", show_default=False)] = None,
     model: Annotated[str | None, typer.Option(help="Default model for every stage.", show_default="tiny")] = None,
-    size: Annotated[str | None, typer.Option(help="Default frame size WxH (multiples of 8).", show_default="512x512")] = None,
+    size: Annotated[str | None, typer.Option(help="Default frame size: WxH (multiples of 8) or auto (the source's aspect ratio, short side the model's native size or the source's if smaller).", show_default="auto")] = None,
+    fit: Annotated[str | None, typer.Option(help="Default way to reach a WxH size: cover | contain | stretch (see `vfx extract --help`).", show_default="cover")] = None,
     max_frames: Annotated[int | None, typer.Option(help="Default frame limit (0: all).", show_default="0")] = None,
     chunk_frames: Annotated[int | None, typer.Option(help="Frames per Zarr chunk = unit of work for shards.", show_default="8")] = None,
     prompt: Annotated[str | None, typer.Option(help="A description of the source video (the inversion prompt).", show_default=False)] = None,
@@ -38,11 +39,13 @@ def init_cmd(
 ) -> None:
     """Create a project directory and its vfx.toml (project defaults; flags override them per run)."""
     from vfx.fsutil import regular_file
-    from vfx.media import parse_size
+    from vfx.media import FITS, parse_size
     from vfx.models import resolve_model
 
     if size is not None:
         parse_size(size)
+    if fit is not None and fit not in FITS:
+        raise BadInput(f"invalid --fit {fit!r}: use one of {', '.join(FITS)}")
     if video is not None:
         if not video.exists():
             raise BadInput(f"{video}: no such file or folder")
@@ -56,7 +59,7 @@ def init_cmd(
     if max_frames is not None and max_frames < 0:
         raise BadInput("--max-frames must be 0 (all frames) or more")
     overrides = {
-        "model": model, "size": size, "max_frames": max_frames, "chunk_frames": chunk_frames, "prompt": prompt,
+        "model": model, "size": size, "fit": fit, "max_frames": max_frames, "chunk_frames": chunk_frames, "prompt": prompt,
         "seed": seed, "device": device, "dtype": dtype, "video": str(video) if video else None,
     }
     project = Project.init(root, overrides, force=force)

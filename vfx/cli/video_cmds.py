@@ -23,7 +23,8 @@ def extract_cmd(
     root: ProjectDir,
     video: Annotated[Path | None, typer.Argument(help="Video file (any container PyAV opens) or image folder; the same as --video. Default: vfx.toml's video.", show_default=False)] = None,
     video_option: Annotated[Path | None, typer.Option("--video", help="The video, as an option (VIDEO or --video, not both).", show_default=False)] = None,
-    size: Annotated[str | None, typer.Option(help="Output WxH, multiples of 8: scale to cover, then centre-crop. Default: vfx.toml (512x512).", show_default=False)] = None,
+    size: Annotated[str | None, typer.Option(help="Output WxH (multiples of 8, reached by --fit), or auto: the source's aspect ratio, short side the model's native size or the source's if smaller. Default: vfx.toml (auto).", show_default=False)] = None,
+    fit: Annotated[str | None, typer.Option(help="How --size WxH is reached: cover (scale and crop the centre), contain (scale to fit inside, keeping the aspect ratio) or stretch. Default: vfx.toml (cover).", show_default=False)] = None,
     short_side: Annotated[int | None, typer.Option(help="Instead of --size: scale the short side to this, crop each side to a multiple of 8.", show_default=False)] = None,
     start: Annotated[str | None, typer.Option(help="First frame: an index (30) or seconds (1.5s).", show_default=False)] = None,
     end: Annotated[str | None, typer.Option(help="Stop before this frame index or time (2.5s).", show_default=False)] = None,
@@ -47,8 +48,9 @@ def extract_cmd(
     if size is not None and short_side is not None:
         raise BadInput("--size and --short-side cannot be combined; pick one")
     parsed_size = None if short_side is not None else parse_size(project.get("size", size))
+    fit = project.get("fit", fit)
     selection = Selection(parse_position(start), parse_position(end), stride, fps, int(project.get("max_frames", max_frames)))
-    result = extract(project, source, parsed_size, short_side, selection, int(project.config["chunk_frames"]), force)
+    result = extract(project, source, parsed_size, short_side, fit, selection, int(project.config["chunk_frames"]), force)
     emit(result, as_json, None if result.get("up_to_date") else f"extract: {result['frames']} frames {result['width']}x{result['height']} @ {result['fps_float']:.3g} fps" + (" with audio" if result.get("audio") else ""))
     if result.get("up_to_date") and not as_json:
         emit(result, False, "extract: up to date")

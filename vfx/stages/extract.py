@@ -21,7 +21,7 @@ import numpy as np
 from vfx import log
 from vfx.driver import SingleUnitStage, drive
 from vfx.errors import BadInput
-from vfx.media import Selection, iter_source, keep_audio, probe, resize_cover, target_size
+from vfx.media import AUTO, Selection, iter_source, keep_audio, probe, resize_frame, target_size
 from vfx.project import Project
 from vfx.stage import StageRun
 from vfx.store import create_array
@@ -45,16 +45,17 @@ def source_identity(path: Path) -> str:
 class Extract(SingleUnitStage):
     label = "extract"
 
-    def __init__(self, project: Project, source: Path, size: tuple[int, int] | None, short_side: int | None,
-                 selection: Selection, chunk_frames: int, force: bool):
+    def __init__(self, project: Project, source: Path, size: tuple[int, int] | str | None, short_side: int | None,
+                 fit: str, selection: Selection, chunk_frames: int, force: bool):
         selection.validate()
         if chunk_frames < 1:
             raise BadInput(f"invalid chunk size {chunk_frames}: must be at least 1")
-        self.source, self.selection, self.chunk_frames = source, selection, chunk_frames
+        self.source, self.selection, self.chunk_frames, self.fit = source, selection, chunk_frames, fit
         self.info = info = probe(source)
         upright = info.rotation % 180 == 0
+        native = model_native_size(project) if short_side is None and size in (None, AUTO) else 512
         self.width, self.height = target_size(info.width if upright else info.height,
-                                              info.height if upright else info.width, size, short_side)
+                                              info.height if upright else info.width, size, short_side, fit, native)
         if self.width < 8 or self.height < 8:
             raise BadInput(f"{source} is {info.width}x{info.height}: too small for a multiple-of-8 frame")
         params = {
@@ -63,6 +64,8 @@ class Extract(SingleUnitStage):
             "stride": selection.stride, "fps": selection.fps, "max_frames": selection.max_frames,
             "chunk_frames": chunk_frames,
         }
+        if fit != "cover":  # recorded only when not the original policy, so older projects stay complete
+            params["fit"] = fit
         self.run = StageRun(project.path(FOLDER), "extract", params, {}, 1, force=force)
 
     def build(self, scratch: Path) -> dict:
@@ -84,7 +87,7 @@ class Extract(SingleUnitStage):
             timed = ((index, time, (time, frame)) for index, time, frame in iter_source(self.info))
             for time, frame in self.selection.select(timed):
                 first_time = time if first_time is None else first_time
-                buffer.append(resize_cover(frame, width, height))
+                buffer.append(resize_frame(frame, width, height, self.fit))
                 bar.advance()
                 if len(buffer) == chunk:
                     flush()
@@ -127,6 +130,20 @@ class Extract(SingleUnitStage):
         return summary
 
 
-def extract(project: Project, source: Path, size: tuple[int, int] | None, short_side: int | None,
-            selection: Selection, chunk_frames: int, force: bool = False) -> dict:
-    return drive(Extract(project, source, size, short_side, selection, chunk_frames, force))
+def model_native_size(project: Project) -> int:
+    """The project model's native side (512 for SD 1.5); 512 when its configs cannot be read."""
+    from vfx.models import native_size, resolve_model
+
+    try:
+        native = native_size(resolve_model(project.config["model"]))
+    except BadInput:
+        native = None
+    if native is None:
+        log.note(f"extract: the native size of model {project.config['model']!r} cannot be read from its configs; "
+                 "the short side is at most 512 (pass --size or --short-side to choose)")
+    return native or 512
+
+
+def extract(project: Project, source: Path, size: tuple[int, int] | str | None, short_side: int | None,
+            fit: str, selection: Selection, chunk_frames: int, force: bool = False) -> dict:
+    return drive(Extract(project, source, size, short_side, fit, selection, chunk_frames, force))
