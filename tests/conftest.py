@@ -121,8 +121,13 @@ def ok_json(*args) -> dict:
 
 
 def status_rows(root: Path, *extra: str) -> dict[str, dict]:
-    """`vfx status ROOT --json` (plus `extra`, e.g. --verify) as {folder: row}."""
-    return {row["folder"]: row for row in ok_json("status", root, *extra)["stages"]}
+    """`vfx status ROOT --json` (plus `extra`, e.g. --verify) as {folder: row}. It exits 0, or 1 under
+    --verify when a row is damaged."""
+    result = invoke("status", root, *extra, "--json")
+    rows = {row["folder"]: row for row in json.loads(result.stdout)["stages"]}
+    damaged = "--verify" in extra and any(row["state"] == "damaged" for row in rows.values())
+    assert result.exit_code == (1 if damaged else 0), result.output
+    return rows
 
 
 def assert_bad(result, *words: str) -> str:

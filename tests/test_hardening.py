@@ -297,7 +297,9 @@ def test_plan_and_missing_arguments(base, stage, chunk, per_shard, shards):
 
 
 def size_is_valid(text: str) -> bool:
-    """WxH, each side a positive multiple of 8 of at most 4096 (the --size rule)."""
+    """WxH, each side a positive multiple of 8 of at most 4096, or auto (the --size rule)."""
+    if text.strip().lower() == "auto":
+        return True
     match = re.fullmatch(r"\s*(-?\d+)\s*[xX]\s*(-?\d+)\s*", text)
     return bool(match) and all(0 < int(side) <= 4096 and int(side) % 8 == 0 for side in match.groups())
 
@@ -308,6 +310,7 @@ def size_is_valid(text: str) -> bool:
        | st.builds(lambda w, h: f"{8 * w}x{8 * h}", st.integers(1, 512), st.integers(1, 512)),  # valid ones too
        chunk=st.integers(-3, 10**12), max_frames=st.integers(-3, 10**18))
 @example(size="32x32", chunk=1, max_frames=0)  # the boundaries, every run: all valid,
+@example(size=" Auto", chunk=1, max_frames=0)  # the aspect-keeping default, spelt loosely
 @example(size="32x32", chunk=1, max_frames=-1)  # then a negative frame limit,
 @example(size="32x32", chunk=0, max_frames=0)  # then chunks of zero frames
 def test_init_arguments(tmp_path_factory, size, chunk, max_frames):

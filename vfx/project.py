@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "dtype": "auto",
     "prompt": "",  # the inversion / source prompt
+    "steps": 50,  # the editing schedule: the steps `invert` saves and `edit` denoises with
 }
 
 # The type and range of each vfx.toml key ("video" has no default: `vfx init --video` sets it).
@@ -37,9 +38,10 @@ SCHEMA: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "device": (str, None),
     "dtype": (str, None),
     "prompt": (str, None),
+    "steps": (int, lambda v: v >= 1),
     "video": (str, None),
 }
-RANGES = {"fit": "cover, contain or stretch", "max_frames": "0 (all) or more", "chunk_frames": "at least 1", "seed": "0 or more"}
+RANGES = {"fit": "cover, contain or stretch", "max_frames": "0 (all) or more", "chunk_frames": "at least 1", "seed": "0 or more", "steps": "at least 1"}
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 

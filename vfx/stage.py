@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 import vfx
-from vfx import graph, locks
+from vfx import graph, invocation, locks
 from vfx.errors import BadInput, MissingStage, VfxError
 from vfx.fsutil import atomic_write_json, file_lock, read_json
 
@@ -355,7 +355,20 @@ class StageRun:
             "state": "running",
             "started": now(),
             "started_unix": time.time(),
+            "command": invocation.recorded(),
+            "upstream_params": self._upstream_params(),
         }
+
+    def _upstream_params(self) -> dict[str, dict]:
+        """The parameters of each upstream folder this run reads, so `status` can say which changed."""
+        if self.stage not in graph.STAGES:
+            return {}
+        root = self.path.parents[len(graph.spec(self.stage).folder.split("/")) - 1]
+        params = {}
+        for lock in locks.held():
+            if lock.expected and root in lock.what.parents:
+                params[str(lock.what.relative_to(root))] = (read_json(lock.what / RECORD) or {}).get("params", {})
+        return params
 
     def start(self, create: Callable[[], None]) -> list[int]:
         """Prepare the artifact (once, whichever shard comes first); return this shard's pending units."""
@@ -406,6 +419,7 @@ class StageRun:
                 finished=now(),
                 seconds=round(finished - rec.get("started_unix", finished), 3),
                 summary=summary or {},
+                command=invocation.recorded() or rec.get("command"),
             )
             atomic_write_json(self.folder.record_path, rec)
             return True

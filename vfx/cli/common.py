@@ -62,9 +62,13 @@ class OneLineUsageErrors(typer.core.TyperGroup):
     """Usage errors (an unknown option, a missing one, a value that does not parse) print one line and
     exit 2, like every other bad input; `vfx` or a group without arguments still shows its help."""
 
-    def make_context(self, *args, **kwargs):
+    def make_context(self, info_name, args, parent=None, **kwargs):
+        if parent is None:  # the whole command line: stage records keep it
+            from vfx import invocation
+
+            invocation.remember(args)
         with one_line_usage_errors():
-            return super().make_context(*args, **kwargs)
+            return super().make_context(info_name, args, parent=parent, **kwargs)
 
     def invoke(self, ctx):
         with one_line_usage_errors():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +15,7 @@ from rich.table import Table
 from vfx import log
 from vfx.cli import app
 from vfx.cli.common import JsonOpt, ProjectDir, command, emit
-from vfx.errors import BadInput
+from vfx.errors import BadInput, VfxError
 from vfx.project import EMPTY_PROMPT, Project
 
 model_app = typer.Typer(help="The embedded tiny model and model helpers.", no_args_is_help=True)
@@ -32,6 +33,7 @@ def init_cmd(
     chunk_frames: Annotated[int | None, typer.Option(help="Frames per Zarr chunk = unit of work for shards.", show_default="8")] = None,
     prompt: Annotated[str | None, typer.Option(help="A description of the source video (the inversion prompt).", show_default=False)] = None,
     seed: Annotated[int | None, typer.Option(help="Default seed.", show_default="0")] = None,
+    steps: Annotated[int | None, typer.Option(help="The editing schedule: the steps `invert` saves (--save-steps) and `edit` denoises with (--steps).", show_default="50")] = None,
     device: Annotated[str | None, typer.Option(help="Default device.", show_default="auto")] = None,
     dtype: Annotated[str | None, typer.Option(help="Default dtype.", show_default="auto")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rewrite an existing vfx.toml.")] = False,
@@ -58,9 +60,11 @@ def init_cmd(
         raise BadInput("--chunk-frames must be at least 1")
     if max_frames is not None and max_frames < 0:
         raise BadInput("--max-frames must be 0 (all frames) or more")
+    if steps is not None and steps < 1:
+        raise BadInput("--steps must be at least 1")
     overrides = {
         "model": model, "size": size, "fit": fit, "max_frames": max_frames, "chunk_frames": chunk_frames, "prompt": prompt,
-        "seed": seed, "device": device, "dtype": dtype, "video": str(video) if video else None,
+        "seed": seed, "steps": steps, "device": device, "dtype": dtype, "video": str(video) if video else None,
     }
     project = Project.init(root, overrides, force=force)
     if not project.get("prompt"):
@@ -127,35 +131,35 @@ def status_cmd(
     batch_size: BatchOpt = 4,
     as_json: JsonOpt = False,
 ) -> None:
-    """Every stage: missing / partial (k of n chunks) / complete / stale / damaged, with parameters, sizes and timings."""
+    """Every stage: missing / partial (k of n chunks) / complete / stale / damaged, why, and the command that brings it up to date (with the options it was run with); parameters, outputs, sizes and timings. With --verify, exits 1 when anything is damaged."""
     from vfx.plan import Request
-    from vfx.status import human_bytes, key_params, stage_states
+    from vfx.status import explain, human_bytes, stage_states
 
     project = Project.open(root)
     if missing is not None:
         result = missing_text(project, Request(missing, name, None, images, batch_size), shards, verify)
         emit(result, as_json, result["array"])
         return
-    rows = stage_states(project, verify)
+    rows = stage_states(project, verify, shown_root=shlex.quote(str(root)))
+    damaged = [row["folder"] for row in rows if row["state"] == "damaged"]
     if as_json:
         emit({"project": str(project.root), "stages": rows}, True)
-        return
-    table = Table(title=f"vfx project {project.root}", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("folder", "stage", "state", "chunks", "size", "time"):
-        table.add_column(column, no_wrap=True)
-    colours = {"complete": "green", "partial": "yellow", "stale": "magenta", "missing": "dim", "damaged": "red"}
-    details = []
-    for row in rows:
-        state = row["state"]
-        chunks = f"{row['done']}/{row['units']}" if row.get("units") else ""
-        seconds = f"{row['seconds']:.1f}s" if row.get("seconds") is not None else ""
-        size = human_bytes(row["bytes"]) if "bytes" in row else ""
-        table.add_row(row["folder"], row["stage"], f"[{colours.get(state, 'white')}]{state}", chunks, size, seconds)
-        text = key_params(row.get("params", {}), limit=200) if state != "missing" else row.get("hint", "")
-        if text:
-            details.append(f"  [bold]{row['folder']}[/bold]: {escape(text)}")
-    log.out.print(table)
-    log.out.print("\n".join(details))
+    else:
+        table = Table(title=f"vfx project {project.root}", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("folder", "stage", "state", "chunks", "size", "time"):
+            table.add_column(column, no_wrap=True)
+        colours = {"complete": "green", "partial": "yellow", "stale": "magenta", "missing": "dim", "damaged": "red"}
+        for row in rows:
+            state = row["state"]
+            chunks = f"{row['done']}/{row['units']}" if row.get("units") else ""
+            seconds = f"{row['seconds']:.1f}s" if row.get("seconds") is not None else ""
+            size = human_bytes(row["bytes"]) if "bytes" in row else ""
+            table.add_row(row["folder"], row["stage"], f"[{colours.get(state, 'white')}]{state}", chunks, size, seconds)
+        log.out.print(table)
+        for row in rows:
+            log.out.print(escape("\n".join(explain(row))), soft_wrap=True)
+    if verify and damaged:
+        raise VfxError(f"damaged: {', '.join(damaged)}; run the commands above to repair them")
 
 
 @command(app, "inspect")

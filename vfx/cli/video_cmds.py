@@ -105,7 +105,7 @@ def decode_cmd(
 def invert_cmd(
     root: ProjectDir,
     steps: Annotated[int, typer.Option(help="DDIM inversion steps (the reference uses 500).")] = 500,
-    save_steps: Annotated[int, typer.Option(help="Steps of the editing schedule whose timesteps are saved (edit --steps must match).")] = 50,
+    save_steps: Annotated[int | None, typer.Option(help="Steps of the editing schedule whose timesteps are saved (edit --steps must match). Default: vfx.toml's steps (50).", show_default=False)] = None,
     prompt: Annotated[str | None, typer.Option(help="Inversion prompt describing the source; also the edit's source branch. Default: vfx.toml's prompt (empty). Over 77 tokens: truncated with a warning.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Frames per UNet call.")] = 8,
     reconstruction: Annotated[bool, typer.Option("--reconstruction/--no-reconstruction", help="Denoise back, decode, write reconstruction.mp4 and per-frame PSNR.")] = True,
@@ -122,7 +122,7 @@ def invert_cmd(
     from vfx.stages.invert import invert
 
     settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
-    result = invert(settings, steps, save_steps, prompt, batch_size, reconstruction)
+    result = invert(settings, steps, settings.project.get("steps", save_steps), prompt, batch_size, reconstruction)
     report(result, as_json)
     if result.get("psnr_mean") is not None and not as_json:
         emit(result, False, f"reconstruction PSNR: {result['psnr_mean']:.2f} dB")
@@ -135,7 +135,7 @@ def edit_cmd(
     name: Annotated[str | None, typer.Option(help="Edit name (folder edits/NAME). Default: derived from the prompt.", show_default=False)] = None,
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt (the unconditional branch).", show_default=NEGATIVE_PROMPT)] = None,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
-    steps: Annotated[int, typer.Option(help="Denoising steps; the inversion must have saved this schedule (invert --save-steps).")] = 50,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps; the inversion must have saved this schedule (invert --save-steps). Default: vfx.toml's steps (50).", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Window length: one random keyframe is drawn per window of this many frames, every step.")] = 8,
     method: Annotated[str, typer.Option(help="pnp: TokenFlow + plug-and-play injection from the inverted noise. sdedit: start part-way down the schedule (--start), no injection; see docs/edit-variants.md.")] = "pnp",
     pnp_attn_t: Annotated[float | None, typer.Option(help="pnp: fraction of the steps with query/key injection in the decoder's self-attention.", show_default=str(EDIT_DEFAULTS["pnp_attn_t"]))] = None,
@@ -176,6 +176,7 @@ def edit_cmd(
     if negative_prompt is not None:
         options["negative_prompt"] = negative_prompt
     settings = settings_for(root, model, device, dtype, None, force, allow_pickle, model_config, shardable=False)
+    options["steps"] = settings.project.get("steps", steps)
     result = edit(settings, EditConfig(**options))
     text = f"edit {result['name']}: " + ("up to date" if result.get("up_to_date") else "complete")
     emit(result, as_json, text)

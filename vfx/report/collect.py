@@ -8,11 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vfx import graph
-from vfx.errors import VfxError
 from vfx.plot import eval_panels
 from vfx.project import Project
-from vfx.report.commands import reproduce
-from vfx.status import stage_states
+from vfx.status import remake_command, stage_states
 
 SOURCE_VIDEO = "source.mp4"  # written into the report folder from frames/frames.zarr
 
@@ -52,17 +50,6 @@ class Page:
         return any(video.label != "source" for video in self.videos)
 
 
-def _known_models(project: Project) -> dict[str, str]:
-    """vfx.toml's model by identity, so commands name it rather than a placeholder."""
-    from vfx.models import resolve_model
-
-    spec = project.config.get("model")
-    try:
-        return {resolve_model(spec).identity: spec} if spec else {}
-    except VfxError:
-        return {}
-
-
 def _done(row: dict | None) -> bool:
     return bool(row) and row["state"] in {"complete", "stale"}
 
@@ -81,12 +68,13 @@ def _means(summary: dict) -> list[tuple[str, str]]:
 def collect(project: Project, folder: Path) -> Page:
     """The page of `project` for a report written into `folder`."""
     root = project.root
-    known = _known_models(project)
-    rows = stage_states(project)
+    shown_root = shlex.quote(str(root))
+    rows = stage_states(project, shown_root=shown_root)
     for row in rows:
         found = graph.stage_of_folder(row["folder"])
         row["name"] = found[1] if found else None
-        row["command"] = reproduce(root, row, known)
+        known = row["stage"] in graph.STAGES  # not an unreadable record
+        row["command"] = (row.get("hint") or remake_command(row, root, shown_root)) if known else ""
         spec = graph.STAGES.get(row["stage"])
         recorded = [path for path in row.get("artifacts") or {} if (root / row["folder"] / path).exists()]
         paths = recorded if row["state"] != "missing" else [a.path for a in spec.artifacts] if spec else []
