@@ -176,11 +176,16 @@ def live_terminal() -> bool:
     return err.is_terminal and not err.is_dumb_terminal
 
 
+_display: Progress | None = None  # the display on screen, which bars opened meanwhile join
+
+
 @contextlib.contextmanager
 def progress(label: str, total: float, unit: str = "", done: float = 0) -> Iterator[Bar]:
     """Progress of `total` units on stderr, `done` of them finished before (a resumed run counts the whole
     run): a rich bar on a terminal, plain lines otherwise (nohup, SLURM, CI). Silent with --quiet or
-    when nothing is left to do."""
+    when nothing is left to do. A bar opened while another shows (the stages of `vfx run`) is one more line
+    of that display."""
+    global _display
     if _quiet or total <= done:
         yield Bar()
         return
@@ -195,11 +200,18 @@ def progress(label: str, total: float, unit: str = "", done: float = 0) -> Itera
             raise
         bar.emit("end")
         return
+    if _display is not None:
+        task = _display.add_task(label, total=total, completed=done, phase="", values="", unit=unit)
+        try:
+            yield RichBar(_display, task)
+        finally:
+            _display.remove_task(task)  # the combined display keeps the overall line only
+        return
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn(unit),
+        TextColumn("{task.fields[unit]}"),
         TextColumn("{task.fields[values]}"),
         TextColumn("{task.fields[phase]}"),
         TimeElapsedColumn(),
@@ -207,5 +219,10 @@ def progress(label: str, total: float, unit: str = "", done: float = 0) -> Itera
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=err, transient=False) as display:
-        task = display.add_task(label, total=total, completed=done, phase="", values="")
-        yield RichBar(display, task)
+        task = display.add_task(label, total=total, completed=done, phase="", values="", unit=unit)
+        _display = display
+        try:
+            yield RichBar(display, task)
+        finally:
+            _display = None
+

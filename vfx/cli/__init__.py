@@ -48,7 +48,7 @@ def _global(
 
 from vfx.cli import project_cmds, video_cmds  # noqa: E402,F401  (registers the commands)
 from vfx.cli import dreambooth_cmds, metrics_cmds  # noqa: E402,F401
-from vfx.cli import report_cmds  # noqa: E402,F401
+from vfx.cli import report_cmds, run_cmds  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,102 @@
+"""`vfx run`: the whole edit of a clip in one command, as the ordinary stages one after another."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vfx import log
+from vfx.cli import app
+from vfx.cli.common import DeviceOpt, DtypeOpt, ModelOpt, ProjectDir, command
+from vfx.errors import BadInput
+
+RunStage = tuple[str, list[str]]
+
+
+def stage_commands(root: str, name: str, prompt: str, video: str | None, steps: int | None,
+                   inversion_steps: int, source_prompt: str | None, model_flags: list[str],
+                   seed: int | None) -> list[RunStage]:
+    """The command line (after `vfx`) of each stage `vfx run` drives, in order."""
+    schedule = ["--steps", str(steps)] if steps is not None else []
+    invert = ["invert", root, "--steps", str(inversion_steps), *model_flags]
+    invert += (["--save-steps", str(steps)] if steps is not None else [])
+    invert += ["--prompt", source_prompt] if source_prompt is not None else []
+    edit = ["edit", root, "--name", name, "--prompt", prompt, *schedule, *model_flags]
+    edit += ["--seed", str(seed)] if seed is not None else []
+    return [
+        ("extract", ["extract", root, *([video] if video else [])]),
+        ("encode", ["encode", root, *model_flags]),
+        ("decode", ["decode", root, *model_flags]),  # the VAE's round trip: the report's baseline
+        ("invert", invert),
+        ("flow", ["flow", root]),
+        ("edit", edit),
+        ("decode", ["decode", root, "--edit", name, *model_flags]),
+        ("eval", ["eval", root, "--edit", name]),
+        ("report", ["report", root]),
+    ]
+
+
+def run_command_line(argv: list[str]) -> None:
+    """Run one vfx command in this process, as if typed; its failure (already reported) ends `vfx run`
+    with the same exit code, and rerunning `vfx run` continues from there."""
+    code = typer.main.get_command(app).main(args=argv, prog_name="vfx", standalone_mode=False)
+    if code not in (None, 0):
+        raise typer.Exit(code)
+
+
+@command(app, "run")
+def run_cmd(
+    root: ProjectDir,
+    video: Annotated[Path | None, typer.Argument(help="The video (or image folder) to edit; the same as --video. Needed when DIR is not a project yet.", show_default=False)] = None,
+    video_option: Annotated[Path | None, typer.Option("--video", help="The video, as an option.", show_default=False)] = None,
+    prompt: Annotated[str, typer.Option(help="The edited video's description.", show_default=False)] = "",
+    name: Annotated[str | None, typer.Option(help="Edit name (edits/NAME). Default: derived from the prompt.", show_default=False)] = None,
+    source_prompt: Annotated[str | None, typer.Option(help="A description of the source video (the inversion prompt). Default: vfx.toml's prompt.", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(help="The editing schedule: the steps the inversion saves and the edit denoises with. Default: vfx.toml's steps (50).", show_default=False)] = None,
+    inversion_steps: Annotated[int, typer.Option(help="DDIM inversion steps (`vfx invert --steps`).")] = 500,
+    size: Annotated[str | None, typer.Option(help="A new project's frame size: WxH or auto (see `vfx extract --help`).", show_default="auto")] = None,
+    max_frames: Annotated[int | None, typer.Option(help="A new project's frame limit (0: all).", show_default="0")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the edit's keyframe draws. Default: vfx.toml (0).", show_default=False)] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Edit a clip with one command: extract → encode → decode → invert → flow → edit → decode → eval → report.
+
+    Each is the ordinary stage, with the project's vfx.toml defaults: a rerun after a crash continues
+    where it stopped, and a changed option recomputes only the stages it affects. DIR is initialised
+    (`vfx init`) when it holds no project yet. Prints the path of the report at the end.
+    """
+    from vfx.project import CONFIG_NAME, slugify, validate_name
+
+    if video is not None and video_option is not None and video.resolve() != video_option.resolve():
+        raise BadInput(f"two videos given ({video} as VIDEO, {video_option} as --video); pass one")
+    if not prompt.strip():
+        raise BadInput("--prompt is required: describe the edited video, e.g. --prompt 'a marble statue running'")
+    if steps is not None and steps < 1:
+        raise BadInput(f"invalid --steps {steps}: must be at least 1")
+    video = video or video_option
+    name = validate_name(name or slugify(prompt), "edit name")
+    model_flags = [flag for option, value in (("--model", model), ("--device", device), ("--dtype", dtype))
+                   if value is not None for flag in (option, value)]
+    commands = stage_commands(str(root), name, prompt, str(video) if video else None, steps, inversion_steps,
+                              source_prompt, model_flags, seed)
+    if not (root / CONFIG_NAME).is_file():
+        if video is None:
+            raise BadInput(f"{root} is not a vfx project yet: pass the video to edit (vfx run {root} VIDEO --prompt ...)")
+        init = ["init", str(root), "--video", str(video), *model_flags[:2]]
+        for option, value in (("--prompt", source_prompt), ("--size", size), ("--max-frames", max_frames),
+                              ("--steps", steps)):
+            init += [option, str(value)] if value is not None else []
+        commands.insert(0, ("init", init))
+    elif size is not None or max_frames is not None:
+        raise BadInput(f"--size and --max-frames set up a new project; {root} has one: change its vfx.toml, "
+                       f"or pass them to `vfx extract {root}`")
+    with log.progress("run", len(commands), "stages") as overall:
+        for stage, argv in commands:
+            overall.phase(stage)
+            run_command_line(argv)
+            overall.advance()
+    log.out.print(f"report: {root / 'report' / 'index.html'}")
