@@ -113,16 +113,18 @@ def test_report_page_videos_sheets_plots_and_commands(full, tiny_clip):  # noqa:
     assert decoded.shape == frames.shape and rate == 12
     assert min(psnr(a, b) for a, b in zip(decoded, frames)) > 30
 
-    # The contact sheet: source row over edit row, tiles at the frames' own size (64 px, 4 px gaps).
+    # The contact sheet: source, reconstruction and edit rows, tiles at the frames' own size (64 px, 4 px gaps).
     indices = result["sheets"][EDIT]["frames"]
     assert indices[0] == 0 and indices[-1] == 11 and len(indices) == 6
     sheet = np.asarray(Image.open(full / "report" / result["sheets"][EDIT]["src"]).convert("RGB"))
-    assert sheet.shape == (4 + 2 * 68, 4 + 6 * 68, 3)
+    assert sheet.shape == (4 + 3 * 68, 4 + 6 * 68, 3)
     edit = np.asarray(open_array(full / "decoded" / EDIT / "frames.zarr"))
+    reconstruction = np.asarray(open_array(full / "inversion" / "reconstruction.zarr"))
     for column, index in enumerate(indices):
         x = 4 + column * 68
         assert np.array_equal(sheet[4:68, x:x + 64], frames[index])
-        assert np.array_equal(sheet[72:136, x:x + 64], edit[index])
+        assert np.array_equal(sheet[72:136, x:x + 64], reconstruction[index])
+        assert np.array_equal(sheet[140:204, x:x + 64], edit[index])
     assert tags.of("img")[0]["src"] == result["sheets"][EDIT]["src"]
 
     # Per-frame plots: warp error per pair (N-1 points), PSNR/SSIM and CLIP-T per frame (N).

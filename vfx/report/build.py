@@ -65,13 +65,18 @@ def _alive(pid: int) -> bool:
 
 
 def _write_assets(project: Project, page: Page, scratch: Path) -> dict[str, tuple[str, list[int]]]:
-    """source.mp4 and one contact sheet per decoded edit, into `scratch`; returns the sheets."""
+    """source.mp4 and one contact sheet per decoded edit (source, the inversion's reconstruction when
+    there is one, the edit), into `scratch`; returns the sheets."""
     sheets: dict[str, tuple[str, list[int]]] = {}
     if not any(video.label == "source" for video in page.videos):
         return sheets
     held = upstream(project, "extract", "frames.zarr")  # held steady while read
     frames = open_array(held.folder / "frames.zarr")
     source_video(frames, Fraction(page.fps), scratch / SOURCE_VIDEO)
+    rows = [frames]
+    if page.reconstructed:
+        inversion = upstream(project, "invert", "reconstruction.zarr")
+        rows.append(open_array(inversion.folder / "reconstruction.zarr"))
     for video in page.videos:
         if video.edit is None:
             continue
@@ -79,7 +84,7 @@ def _write_assets(project: Project, page: Page, scratch: Path) -> dict[str, tupl
         edit = open_array(decoded.folder / "frames.zarr")
         indices = sheet_indices(min(frames.shape[0], edit.shape[0]))
         name = f"sheet-{video.edit}.png"
-        contact_sheet([frames, edit], scratch / name, indices)
+        contact_sheet([*rows, edit], scratch / name, indices)
         sheets[video.edit] = (name, indices)
     return sheets
 

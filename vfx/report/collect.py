@@ -49,6 +49,11 @@ class Page:
     def decoded(self) -> bool:
         return any(video.label != "source" for video in self.videos)
 
+    @property
+    def reconstructed(self) -> bool:
+        """Whether the inversion was denoised back (its frames make a contact-sheet row)."""
+        return any(video.label == "inversion" for video in self.videos)
+
 
 def _done(row: dict | None) -> bool:
     return bool(row) and row["state"] in {"complete", "stale"}

@@ -46,9 +46,10 @@ def _sheets(page: Page, sheets: dict[str, tuple[str, list[int]]]) -> str:
     if not sheets:
         return "<p>No decoded edit yet.</p>"
     out = ['<div class="sheets">']
+    rows = "source (top), the inversion's reconstruction, " if page.reconstructed else "source (top), "
     for name, (file, indices) in sheets.items():
         out.append(f'<figure><img src="{escape(quote(file))}" alt="contact sheet of {escape(name)}">'
-                   f'<figcaption>frames {", ".join(map(str, indices))}: source (top), {escape(name)} (bottom)'
+                   f'<figcaption>frames {", ".join(map(str, indices))}: {rows}{escape(name)} (bottom)'
                    '</figcaption></figure>')
     out.append("</div>")
     return "\n".join(out)
