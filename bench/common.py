@@ -40,7 +40,7 @@ def make_project(frames: int, size: int = 64, chunk: int = 8, model: str = "tiny
     root = Path(tempfile.mkdtemp(prefix="vfx-bench-"))
     video = synthetic_video(root / "clip.mp4", frames=frames, size=size, fps=24)
     project = Project.init(root / "p", {"model": model, "chunk_frames": chunk, "size": f"{size}x{size}"})
-    extract(project, video, (size, size), None, Selection(), chunk)
+    extract(project, video, (size, size), None, "cover", Selection(), chunk)
     return project.root
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import invoke, ok, snapshot, status_rows
 
-OPTIONS = ("--prompt", "a red robot", "--steps", "2", "--inversion-steps", "4")
+OPTIONS = ("--prompt", "a red robot", "--steps", "2")
 STAGES = ["frames", "latents", "inversion", "flow", "decoded/source", "edits/a-red-robot", "decoded/a-red-robot",
           "eval/a-red-robot"]
 

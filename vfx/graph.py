@@ -67,7 +67,8 @@ STAGES: dict[str, StageSpec] = {spec.stage: spec for spec in (
         Artifact("frames.zarr"), Artifact("audio.m4a", ignores=("size", "chunk_frames"))), unit="single"),
     StageSpec("encode", "latents", "vfx encode {dir}", (Artifact("latents.zarr"),), ("extract",)),
     StageSpec("invert", "inversion", "vfx invert {dir}", (
-        Artifact("trajectory.zarr", ignores=("reconstruction",)), Artifact("reconstruction_latents.zarr"),
+        Artifact("trajectory.zarr", ignores=("reconstruction", "reconstruction_grid")),
+        Artifact("reconstruction_latents.zarr"),
         Artifact("reconstruction.zarr"), Artifact("reconstruction.mp4")), ("encode",)),
     StageSpec("flow", "flow", "vfx flow {dir}", _FLOW, ("extract",), unit="pair"),
     StageSpec("edit", "edits/{name}", "vfx edit {dir} --name {name} --prompt ...",

@@ -16,11 +16,10 @@ RunStage = tuple[str, list[str]]
 
 
 def stage_commands(root: str, name: str, prompt: str, video: str | None, steps: int | None,
-                   inversion_steps: int, source_prompt: str | None, model_flags: list[str],
-                   seed: int | None) -> list[RunStage]:
+                   source_prompt: str | None, model_flags: list[str], seed: int | None) -> list[RunStage]:
     """The command line (after `vfx`) of each stage `vfx run` drives, in order."""
     schedule = ["--steps", str(steps)] if steps is not None else []
-    invert = ["invert", root, "--steps", str(inversion_steps), *model_flags]
+    invert = ["invert", root, *model_flags]
     invert += (["--save-steps", str(steps)] if steps is not None else [])
     invert += ["--prompt", source_prompt] if source_prompt is not None else []
     edit = ["edit", root, "--name", name, "--prompt", prompt, *schedule, *model_flags]
@@ -55,9 +54,8 @@ def run_cmd(
     name: Annotated[str | None, typer.Option(help="Edit name (edits/NAME). Default: derived from the prompt.", show_default=False)] = None,
     source_prompt: Annotated[str | None, typer.Option(help="A description of the source video (the inversion prompt). Default: vfx.toml's prompt.", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(help="The editing schedule: the steps the inversion saves and the edit denoises with. Default: vfx.toml's steps (50).", show_default=False)] = None,
-    inversion_steps: Annotated[int, typer.Option(help="DDIM inversion steps (`vfx invert --steps`).")] = 500,
-    size: Annotated[str | None, typer.Option(help="A new project's frame size: WxH or auto (see `vfx extract --help`).", show_default="auto")] = None,
-    max_frames: Annotated[int | None, typer.Option(help="A new project's frame limit (0: all).", show_default="0")] = None,
+    size: Annotated[str | None, typer.Option(help="Frame size: WxH or auto (see `vfx extract --help`). Default: vfx.toml (auto); a new project records it.", show_default=False)] = None,
+    max_frames: Annotated[int | None, typer.Option(help="Keep at most N frames (0: all). Default: vfx.toml (0); a new project records it.", show_default=False)] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the edit's keyframe draws. Default: vfx.toml (0).", show_default=False)] = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -81,8 +79,10 @@ def run_cmd(
     name = validate_name(name or slugify(prompt), "edit name")
     model_flags = [flag for option, value in (("--model", model), ("--device", device), ("--dtype", dtype))
                    if value is not None for flag in (option, value)]
-    commands = stage_commands(str(root), name, prompt, str(video) if video else None, steps, inversion_steps,
-                              source_prompt, model_flags, seed)
+    commands = stage_commands(str(root), name, prompt, str(video) if video else None, steps, source_prompt,
+                              model_flags, seed)
+    for option, value in (("--size", size), ("--max-frames", max_frames)):  # like any flag: for this run
+        commands[0][1].extend([option, str(value)] if value is not None else [])
     if not (root / CONFIG_NAME).is_file():
         if video is None:
             raise BadInput(f"{root} is not a vfx project yet: pass the video to edit (vfx run {root} VIDEO --prompt ...)")
@@ -91,9 +91,6 @@ def run_cmd(
                               ("--steps", steps)):
             init += [option, str(value)] if value is not None else []
         commands.insert(0, ("init", init))
-    elif size is not None or max_frames is not None:
-        raise BadInput(f"--size and --max-frames set up a new project; {root} has one: change its vfx.toml, "
-                       f"or pass them to `vfx extract {root}`")
     with log.progress("run", len(commands), "stages") as overall:
         for stage, argv in commands:
             overall.phase(stage)

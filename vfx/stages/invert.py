@@ -3,8 +3,20 @@
 `inversion/trajectory.zarr` is [T, N, 4, h, w] float32, chunked per (1, chunk, 4, h, w); axis 0
 follows `attrs.timesteps` (descending: the final, noisiest latent first, then the editing
 schedule's timesteps). Inversion is independent per frame, so it shards by frame chunk.
-The reconstruction check denoises from the final latent over the same grid, decodes, and scores
-PSNR against the source frames.
+Methods (`--method`):
+- `ddim`: plain DDIM inversion up the `--steps` grid (500 by default, as the reference). Each step
+  evaluates the UNet once, on the lower-noise latent, and assumes its output holds at the next level.
+- `fixed-point`: inversion on the editing schedule itself, each step refined by fixed-point iterations
+  (`--iterations`): the latent z at the next level is re-solved so that one DDIM denoising step from z
+  lands exactly back on the current latent, using the UNet's output at z. This is the iteration of
+  Pan et al., "Effective Real Image Editing with Accelerated Iterative Diffusion Inversion" (ICCV 2023)
+  and of ReNoise (Garibi et al., 2024), without their averaging or noise regularisation; the first
+  guess of each step reuses the noise found at the step before, so each iteration is one UNet call:
+  100 per frame at the defaults (2 iterations, 50 steps) against DDIM's 500.
+
+The reconstruction check denoises back, decodes, and scores PSNR against the source frames. By default
+it runs over the editing schedule from its noisiest saved latent, as the edit does; `--reconstruction-
+grid full` runs it over the whole inversion grid instead.
 """
 
 from __future__ import annotations
@@ -28,6 +40,8 @@ from vfx.stages.decode import decode_latents
 from vfx.store import chunk_ranges, create_array, open_array
 
 FOLDER = "inversion"
+METHODS = ("ddim", "fixed-point")
+RECONSTRUCTION_GRIDS = ("editing", "full")
 
 
 def inversion_plan(schedule: Schedule, steps: int, save_steps: int) -> tuple[list[int], list[int]]:
@@ -57,21 +71,40 @@ def unet_eval(unet, latents: torch.Tensor, timestep: int, embedding: torch.Tenso
     return unet(latents.to(unet.dtype), timestep, encoder_hidden_states=context).sample.to(latents.dtype)
 
 
+def move_up(schedule: Schedule, start: torch.Tensor, eps: torch.Tensor, current: int | None, target: int) -> torch.Tensor:
+    """The latent at `target` from which one DDIM denoising step with noise `eps` lands on `start`."""
+    alpha = schedule.alpha(current)
+    x0 = (start - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+    return schedule.move(x0, eps, schedule.alpha(target))
+
+
 @torch.no_grad()
 def invert_latents(unet, schedule: Schedule, latents: torch.Tensor, embedding: torch.Tensor, grid: list[int],
-                   save: set[int], bar: log.Bar | None = None) -> dict[int, torch.Tensor]:
-    """Run DDIM inversion up the ascending `grid`; return the latents at the `save` timesteps."""
+                   save: set[int], bar: log.Bar | None = None, iterations: int = 0) -> dict[int, torch.Tensor]:
+    """Invert up the ascending `grid`; return the latents at the `save` timesteps.
+
+    iterations 0: plain DDIM, one UNet call per step on the lower-noise latent. iterations k: k
+    fixed-point iterations per step (k UNet calls), each solving for the higher-noise latent with the
+    noise the UNet sees in the previous guess; the first guess reuses the step before's noise (none at
+    the first step), so no call is spent on it."""
     saved = {}
     x = latents
     current = None
+    eps = torch.zeros_like(latents)
     for timestep in grid:
-        output = unet_eval(unet, x, timestep, embedding)
-        x = schedule.invert_step(output, x, current, timestep)
+        if iterations:
+            start = x
+            for _ in range(iterations):
+                x = move_up(schedule, start, eps, current, timestep)
+                _, eps = schedule.split(unet_eval(unet, x, timestep, embedding), x, schedule.alpha(timestep))
+            x = move_up(schedule, start, eps, current, timestep)
+        else:
+            x = schedule.invert_step(unet_eval(unet, x, timestep, embedding), x, current, timestep)
         current = timestep
         if timestep in save:
             saved[timestep] = x.clone()
         if bar is not None:
-            bar.advance(len(latents))
+            bar.advance(len(latents) * max(1, iterations))
     return saved
 
 
@@ -93,11 +126,21 @@ class Invert(Stage):
     unit_name = "frame-steps"
 
     def __init__(self, settings: Settings, steps: int, save_steps: int, prompt: str | None, batch_size: int,
-                 reconstruction: bool):
+                 reconstruction: bool, method: str = "fixed-point", iterations: int = 2,
+                 reconstruction_grid: str = "editing"):
         if batch_size < 1:
             raise BadInput(f"invalid --batch-size {batch_size}: must be at least 1")
+        if method not in METHODS:
+            raise BadInput(f"unknown --method {method!r}: use {' or '.join(METHODS)}")
+        if reconstruction_grid not in RECONSTRUCTION_GRIDS:
+            raise BadInput(f"unknown --reconstruction-grid {reconstruction_grid!r}: use {' or '.join(RECONSTRUCTION_GRIDS)}")
+        if method == "fixed-point" and not 1 <= iterations <= 20:
+            raise BadInput(f"invalid --iterations {iterations}: must be between 1 and 20")
         self.settings, self.batch_size, self.reconstruction = settings, batch_size, reconstruction
-        self.steps, self.save_steps = steps, save_steps
+        self.method, self.reconstruction_grid = method, reconstruction_grid
+        self.iterations = iterations if method == "fixed-point" else 0
+        # fixed-point inverts on the editing schedule itself: --steps does not apply
+        self.steps, self.save_steps = (save_steps if method == "fixed-point" else steps), save_steps
         source = upstream(settings.project, "encode", "latents.zarr")
         self.prompt = settings.project.get("prompt", prompt) or ""
         self.latents = open_array(settings.folder("latents", "latents.zarr"))
@@ -105,8 +148,10 @@ class Invert(Stage):
         self.ranges = chunk_ranges(self.latents.shape[0], self.chunk)
         params = {
             "model": settings.model.identity, "dtype": settings.dtype_name, "prompt": self.prompt, "steps": steps,
-            "save_steps": save_steps, "reconstruction": reconstruction,
+            "save_steps": save_steps, "reconstruction": reconstruction, "reconstruction_grid": reconstruction_grid,
         }
+        if method != "ddim":  # recorded only when not plain DDIM, so earlier trajectories stay valid
+            params.update(method=method, iterations=self.iterations, steps=self.steps)
         self.run = StageRun(settings.folder(FOLDER), "invert", params, source.input(), len(self.ranges),
                             force=settings.force, shard=settings.shard)
 
@@ -115,7 +160,10 @@ class Invert(Stage):
         self.grid, self.saved = inversion_plan(self.schedule, self.steps, self.save_steps)
         if not self.prompt:  # once the options are known to be good: a refusal stays one line
             log.warn(EMPTY_PROMPT)
-        self.steps_per_unit = self.chunk * len(self.grid) * (2 if self.reconstruction else 1)
+        full = self.reconstruction_grid == "full"
+        self.denoising = self.grid[::-1] if full else self.schedule.timesteps(self.save_steps)
+        self.evaluations = len(self.grid) * max(1, self.iterations)  # per frame
+        self.steps_per_unit = self.chunk * (self.evaluations + (len(self.denoising) if self.reconstruction else 0))
         self.pipe = self.settings.pipeline()
         self.embedding = encode_prompt(self.pipe, self.prompt)
 
@@ -145,12 +193,14 @@ class Invert(Stage):
             stop = min(sub + self.batch_size, end)
             x0 = torch.from_numpy(np.asarray(self.latents[sub:stop])).to(self.settings.device, torch.float32)
             bar.phase("inverting")
-            states = invert_latents(unet, self.schedule, x0, self.embedding, self.grid, set(self.saved), bar)
+            states = invert_latents(unet, self.schedule, x0, self.embedding, self.grid, set(self.saved), bar,
+                                    self.iterations)
             for index, timestep in enumerate(self.saved):
                 trajectory[index, sub:stop] = states[timestep].cpu().numpy()
             if self.reconstruction:
                 bar.phase("reconstructing")
-                clean = denoise_latents(unet, self.schedule, states[self.grid[-1]], self.embedding, self.grid[::-1], bar)
+                clean = denoise_latents(unet, self.schedule, states[self.denoising[0]], self.embedding, self.denoising,
+                                        bar)
                 clean_np = clean.float().cpu().numpy()
                 open_array(path / "reconstruction_latents.zarr", mode="r+")[sub:stop] = clean_np
                 open_array(path / "reconstruction.zarr", mode="r+")[sub:stop] = decode_latents(
@@ -164,7 +214,10 @@ class Invert(Stage):
         return stored
 
     def finalize(self) -> dict:
-        summary = {"timesteps": self.saved, "frames": self.latents.shape[0]}
+        frames = self.latents.shape[0]
+        summary = {"timesteps": self.saved, "frames": frames, "unet_frame_evaluations": frames * self.evaluations}
+        if self.reconstruction:
+            summary["reconstruction_unet_frame_evaluations"] = frames * len(self.denoising)
         if self.reconstruction:
             summary.update(self.score_reconstruction())
             log.info(f"invert: reconstruction PSNR {summary['psnr_mean']:.2f} dB (mean over {summary['frames']} frames)")
@@ -190,5 +243,7 @@ class Invert(Stage):
 
 
 def invert(settings: Settings, steps: int = 500, save_steps: int = 50, prompt: str | None = None,
-           batch_size: int = 8, reconstruction: bool = True) -> dict:
-    return drive(Invert(settings, steps, save_steps, prompt, batch_size, reconstruction))
+           batch_size: int = 8, reconstruction: bool = True, method: str = "fixed-point", iterations: int = 2,
+           reconstruction_grid: str = "editing") -> dict:
+    return drive(Invert(settings, steps, save_steps, prompt, batch_size, reconstruction, method, iterations,
+                        reconstruction_grid))
