@@ -27,11 +27,11 @@ ROWS = [  # part, what it measures
     ("setup", "setup: venv, missing wheels, vfx"),
     ("model", "build SD 1.5 (`vfx model random --arch sd15`)"),
     ("clip", "clip: demo-video, init, extract, encode"),
-    ("invert-main", "invert (DDIM)"),
+    ("invert-main", "invert (fixed-point, 2 UNet calls a step)"),
     ("edit-main", "edit (TokenFlow PnP)"),
     ("train-main", "train (DreamBooth LoRA)"),
     ("edit-alt", "edit (TokenFlow PnP)"),
-    ("invert-alt", "invert (DDIM)"),
+    ("invert-alt", "invert (fixed-point, 2 UNet calls a step)"),
     ("train-alt", "train (DreamBooth LoRA)"),
 ]
 

@@ -142,7 +142,7 @@ stage() {  # stage NAME KIND:FRAMES:FOLDER CAP VFX_ARGS...
 }
 prompt="a red robot walking on a beach"
 if [ $have_clip = 1 ]; then
-    if stage invert-main "invert:$FRAMES:$PROJECT/inversion" 120 invert "$PROJECT" --steps $STEPS --save-steps $STEPS \
+    if stage invert-main "invert:$FRAMES:$PROJECT/inversion" 120 invert "$PROJECT" --save-steps $STEPS \
         --no-reconstruction --dtype $MAIN --device $DEVICE; then
         stage edit-main "edit::$PROJECT/edits/main" 200 edit "$PROJECT" --prompt "$prompt" --name main --steps $STEPS \
             --dtype $MAIN --device $DEVICE
@@ -162,7 +162,7 @@ if [ $have_clip = 1 ]; then train train-main $MP_MAIN; else skip train-main "no 
 if [ $have_clip = 1 ] && grep -q '^ok' "$WORK/status/invert-main"; then
     stage edit-alt "edit::$PROJECT/edits/alt" 200 edit "$PROJECT" --prompt "$prompt" --name alt --steps $STEPS \
         --dtype $ALT --device $DEVICE
-    stage invert-alt "invert:$FRAMES:$PROJECT/inversion" 120 invert "$PROJECT" --steps $STEPS --save-steps $STEPS \
+    stage invert-alt "invert:$FRAMES:$PROJECT/inversion" 120 invert "$PROJECT" --save-steps $STEPS \
         --no-reconstruction --dtype $ALT --device $DEVICE
 else
     skip edit-alt "no inversion"; skip invert-alt "no inversion"
