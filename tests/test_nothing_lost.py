@@ -491,6 +491,7 @@ BASES = {
     "decode": ("decode", "{root}", "--edit", "e"),
     "invert": INVERT,
     "edit": EDIT,
+    "run": ("run", "{root}", "--prompt", "a red robot", "--name", "e", "--steps", EDIT_STEPS),
     "regularize": REGULARIZE,
     "train": (*TRAIN, "--force"),  # else a changed option meets the run's checkpoints first
     "sample": SAMPLE,

@@ -45,6 +45,26 @@ def run_command_line(argv: list[str]) -> None:
         raise typer.Exit(code)
 
 
+def check_options_early(video: Path | None, model: str | None, device: str | None, dtype: str | None,
+                        size: str | None) -> None:
+    """Refuse what a later stage would refuse, before any stage runs."""
+    from vfx.fsutil import regular_file
+    from vfx.media import parse_size
+    from vfx.models import resolve_model
+    from vfx.runtime import resolve_device, resolve_dtype
+
+    if video is not None:
+        if not video.exists():
+            raise BadInput(f"{video}: no such file or folder")
+        if not video.is_dir():
+            regular_file(video, "the video")
+    if model is not None:
+        resolve_model(model)
+    resolve_dtype(dtype, resolve_device(device))
+    if size is not None:
+        parse_size(size)
+
+
 @command(app, "run")
 def run_cmd(
     root: ProjectDir,
@@ -75,7 +95,10 @@ def run_cmd(
         raise BadInput("--prompt is required: describe the edited video, e.g. --prompt 'a marble statue running'")
     if steps is not None and steps < 1:
         raise BadInput(f"invalid --steps {steps}: must be at least 1")
+    if max_frames is not None and max_frames < 0:
+        raise BadInput(f"invalid --max-frames {max_frames}: must be 0 (all frames) or more")
     video = video or video_option
+    check_options_early(video, model, device, dtype, size)
     name = validate_name(name or slugify(prompt), "edit name")
     model_flags = [flag for option, value in (("--model", model), ("--device", device), ("--dtype", dtype))
                    if value is not None for flag in (option, value)]

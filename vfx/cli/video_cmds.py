@@ -128,7 +128,7 @@ def invert_cmd(
     settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
     if steps is not None and method == "fixed-point":
         log.note("invert: --steps applies to --method ddim; fixed-point inverts on the editing schedule (--save-steps)")
-    result = invert(settings, steps or 500, settings.project.get("steps", save_steps), prompt, batch_size,
+    result = invert(settings, 500 if steps is None else steps, settings.project.get("steps", save_steps), prompt, batch_size,
                     reconstruction, method, iterations, reconstruction_grid)
     report(result, as_json)
     if result.get("psnr_mean") is not None and not as_json:

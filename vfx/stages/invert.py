@@ -134,6 +134,8 @@ class Invert(Stage):
             raise BadInput(f"unknown --method {method!r}: use {' or '.join(METHODS)}")
         if reconstruction_grid not in RECONSTRUCTION_GRIDS:
             raise BadInput(f"unknown --reconstruction-grid {reconstruction_grid!r}: use {' or '.join(RECONSTRUCTION_GRIDS)}")
+        if steps < 1:  # refused whichever method: a bad value is a mistake even where it does not apply
+            raise BadInput(f"invalid --steps {steps}: must be at least 1")
         if method == "fixed-point" and not 1 <= iterations <= 20:
             raise BadInput(f"invalid --iterations {iterations}: must be between 1 and 20")
         self.settings, self.batch_size, self.reconstruction = settings, batch_size, reconstruction
