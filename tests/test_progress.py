@@ -87,3 +87,16 @@ def test_an_error_ends_the_plain_lines_with_stopped(monkeypatch):
     lines = [LINE.match(line) for line in log_file.getvalue().splitlines()]
     assert counts(lines) == [(1, 4), (2, 4), (2, 4)]
     assert lines[1]["rest"] == " | decoding" and lines[2]["rest"] == " | decoding | stopped"
+
+
+def test_a_bar_opened_under_another_joins_its_display_on_a_terminal(monkeypatch):
+    screen = io.StringIO()
+    monkeypatch.setattr(log, "err", Console(file=screen, force_terminal=True, width=120))
+    monkeypatch.setattr(log, "live_terminal", lambda: True)
+    with log.progress("run", 2, "stages") as overall:
+        for stage in ("encode", "invert"):
+            with log.progress(stage, 3, "chunks") as bar:  # rich allows one live display: this must join it
+                bar.advance(3)
+            overall.advance()
+    text = screen.getvalue()
+    assert "run" in text and "encode" in text and "invert" in text and log._display is None
