@@ -225,4 +225,3 @@ def progress(label: str, total: float, unit: str = "", done: float = 0) -> Itera
             yield RichBar(display, task)
         finally:
             _display = None
-
