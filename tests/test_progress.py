@@ -93,6 +93,7 @@ def test_a_bar_opened_under_another_joins_its_display_on_a_terminal(monkeypatch)
     screen = io.StringIO()
     monkeypatch.setattr(log, "err", Console(file=screen, force_terminal=True, width=120))
     monkeypatch.setattr(log, "live_terminal", lambda: True)
+    monkeypatch.setattr(log, "_quiet", False)  # an earlier in-process command may have left it on
     with log.progress("run", 2, "stages") as overall:
         for stage in ("encode", "invert"):
             with log.progress(stage, 3, "chunks") as bar:  # rich allows one live display: this must join it
