@@ -139,7 +139,7 @@ class Invert(Stage):
         if method == "fixed-point" and not 1 <= iterations <= 20:
             raise BadInput(f"invalid --iterations {iterations}: must be between 1 and 20")
         self.settings, self.batch_size, self.reconstruction = settings, batch_size, reconstruction
-        self.method, self.reconstruction_grid = method, reconstruction_grid
+        self.reconstruction_grid = reconstruction_grid
         self.iterations = iterations if method == "fixed-point" else 0
         # fixed-point inverts on the editing schedule itself: --steps does not apply
         self.steps, self.save_steps = (save_steps if method == "fixed-point" else steps), save_steps
