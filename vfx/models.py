@@ -24,8 +24,10 @@ from vfx.fsutil import file_lock, replace_path
 
 # 2: the ControlNet's zero convolutions carry weights, so control reaches the UNet;
 # 3: the VAE's scaling factor gives unit-variance latents;
-# 4: text encoder and tokenizer files in the layout transformers 4.x reads too (same weights).
-TINY_VERSION = 4
+# 4: text encoder and tokenizer files in the layout transformers 4.x reads too (same weights);
+# 5: a trained VAE (scripts/train_tiny_vae.py), so decoded frames look like the video.
+TINY_VERSION = 5
+TINY_VAE_ASSET = Path(__file__).parent / "assets" / "tiny_vae.safetensors"
 TINY_NAMES = ("tiny", "tiny-v")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -72,7 +74,6 @@ def build_tiny(folder: Path, variant: str = "tiny") -> Path:
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(1)
     unet = tiny_unet(sd2)
-    torch.manual_seed(2)
     vae = tiny_vae()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -122,35 +123,37 @@ def tiny_unet(sd2: bool):
     )
 
 
-def tiny_vae():
-    """SD's VAE shape (downsampling factor 8, 4 latent channels), scaled to unit-variance latents."""
+def bare_tiny_vae():
+    """SD's VAE shape (downsampling factor 8, 4 latent channels) at toy width, untrained."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
+        block_out_channels=(16, 32, 64, 64),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
-        scaling_factor=0.18215,
     )
-    vae.register_to_config(scaling_factor=unit_variance_scale(vae))
+
+
+def tiny_vae():
+    """The tiny VAE with its shipped trained weights and their unit-variance latent scaling factor.
+
+    The weights are float16 to keep the repository small; the model is float32 like the rest.
+    """
+    from safetensors import safe_open
+
+    vae = bare_tiny_vae()
+    with safe_open(str(TINY_VAE_ASSET), framework="pt") as weights:
+        state = {name: weights.get_tensor(name).float() for name in weights.keys()}
+        scale = float(weights.metadata()["scaling_factor"])
+    vae.load_state_dict(state, strict=True)
+    vae.register_to_config(scaling_factor=scale)
     return vae
-
-
-@torch.no_grad()
-def unit_variance_scale(vae) -> float:
-    """SD's rule for the latent scaling factor: 1 / std of the posterior means of typical images
-    (smooth random textures here), so that latents have unit variance as the noise schedule assumes."""
-    generator = torch.Generator().manual_seed(4)
-    coarse = torch.rand(8, 3, 8, 8, generator=generator)
-    images = torch.nn.functional.interpolate(coarse, size=64, mode="bicubic", align_corners=False).clamp(0, 1)
-    means = vae.encode(images * 2 - 1).latent_dist.mean
-    return round(1.0 / float(means.std()), 5)
 
 
 def wake_zero_convolutions(controlnet) -> None:

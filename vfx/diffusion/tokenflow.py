@@ -113,11 +113,13 @@ class TokenFlowEditor:
         self.control, self.correspondences = control, correspondences
         self.unet_frames = 0  # frame-evaluations (one frame, one branch, one UNet call)
         self.layers = find_layers(unet)
+        self.dtype = unet.dtype  # read once: the property walks every parameter
         self._context = ProcessorContext()
         self._processors = processor_dicts(unet, self.layers, self._context, query_slice, trace)  # built once
+        self._attn1 = {name: unet.get_submodule(name.removesuffix(".processor")) for name in self.layers.self_attention}
         self._previous: dict | None = None  # the UNet's processors when `hooked` began
         self._hook = None
-        self._installed: str | None = None  # the pass whose processors are on the UNet, None: the previous ones
+        self._installed: str | None = None  # the pass whose processors are on the self-attentions
 
     @property
     def injections(self) -> dict[str, int]:
@@ -126,12 +128,15 @@ class TokenFlowEditor:
 
     @contextmanager
     def hooked(self) -> Iterator["TokenFlowEditor"]:
-        """Hook the PnP conv for the duration; on exit, unhook and put back the processors the UNet had on
-        entry. Re-entrant: `step` and `plain_call` inside it hook nothing more."""
+        """Put the editor's processors on and hook the PnP conv for the duration; on exit, unhook and put
+        back the processors the UNet had on entry. Re-entrant: `step` and `plain_call` inside it hook
+        nothing more."""
         if self._hook is not None:
             yield self
             return
         self._previous = dict(self.unet.attn_processors)
+        self.unet.set_attn_processor(dict(self._processors["frame"]))  # it pops from the dict it is given
+        self._installed = "frame"
         conv = self.unet.get_submodule(self.layers.injected_conv)
         self._hook = conv.register_forward_hook(conv_hook(self._context))
         try:
@@ -139,18 +144,17 @@ class TokenFlowEditor:
         finally:
             self._hook.remove()
             self._hook = None
-            self._restore()
+            self.unet.set_attn_processor(dict(self._previous))
+            self._installed = None
             self._previous = None
 
     def _install(self, kind: str) -> None:
-        """The processors of pass `kind` ("frame", "keyframe", "propagate") on the UNet, if not already."""
+        """The processors of pass `kind` ("frame", "keyframe", "propagate") on the self-attentions, if not
+        already. Set module by module: a whole-UNet `set_attn_processor` per pass walks every module."""
         if self._installed != kind:
-            self.unet.set_attn_processor(dict(self._processors[kind]))  # it pops from the dict it is given
+            for name, module in self._attn1.items():
+                module.set_processor(self._processors[kind][name])
             self._installed = kind
-
-    def _restore(self) -> None:
-        self.unet.set_attn_processor(dict(self._previous))
-        self._installed = None
 
     def _branches(self, source: torch.Tensor, latents: torch.Tensor, timestep: int, edges: np.ndarray | None, *,
                   inject_attention: bool, inject_conv: bool, neighbours: Neighbours | None = None) -> torch.Tensor:
@@ -161,7 +165,7 @@ class TokenFlowEditor:
         if source.shape[0] != m:
             raise ValueError(f"{source.shape[0]} source frames for {m} frames")
         e = self.embeddings
-        x = torch.cat([source, latents, latents]).to(self.unet.dtype)
+        x = torch.cat([source, latents, latents]).to(self.dtype)
         context = torch.cat([e.source.expand(m, -1, -1), e.uncond.expand(m, -1, -1), e.cond.expand(m, -1, -1)])
         extra = self.control.residuals(x, timestep, context, edges) if self.control is not None else {}
         self._context.call = Call(Branches(m), inject_attention, inject_conv, neighbours)
@@ -230,7 +234,6 @@ class TokenFlowEditor:
                     on_phase(f"propagation {count + 1}/{len(chunks)}")
                     self._propagate_chunk(io, ranges[index], keyframes, keyframe_output, timestep, prev, inject)
             finally:
-                self._restore()
                 cache.clear()
 
     def _keyframe_pass(self, io: StepIO, keyframes: list[int], timestep: int, inject: dict) -> torch.Tensor:

@@ -203,7 +203,11 @@ def make_optimizer(kind: str, groups: list[dict], weight_decay: float) -> torch.
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **settings)
-    return torch.optim.AdamW(groups, **settings)
+    try:
+        # One fused kernel for all tensors: on CPU, the per-tensor loop costs a third of a full-mode step.
+        return torch.optim.AdamW(groups, fused=True, **settings)
+    except RuntimeError:  # fused AdamW on CPU needs torch >= 2.4
+        return torch.optim.AdamW(groups, foreach=True, **settings)
 
 
 def enable_text_checkpointing(text_encoder) -> None:
