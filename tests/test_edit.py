@@ -188,8 +188,9 @@ def test_propagate_blends_two_keyframes():
 
 
 def test_editor_owns_its_processors_and_refuses_a_foreign_layout():
-    """The editor's processors are on the UNet only while it calls it; a batch that is not the layout
-    described for the call under way is refused, never reinterpreted; injections are counted."""
+    """The editor's processors go on at its first call and come off when its session ends; a call that
+    is not the editor's meanwhile, or a batch that is not the layout described for the call under way,
+    is refused, never reinterpreted; injections are counted."""
     from vfx.diffusion.attention import Call, FrameAttnProcessor, ProcessorContext, conv_hook
     from vfx.diffusion.ddim import Schedule
     from vfx.diffusion.tokenflow import Embeddings, TokenFlowEditor
@@ -206,6 +207,8 @@ def test_editor_owns_its_processors_and_refuses_a_foreign_layout():
             assert torch.equal(unet(x, 501, encoder_hidden_states=context).sample, bare)  # not the editor's call
             editor.plain_call(x[:2], x[2:4], 501, inject_attention=True, inject_conv=True)
             assert isinstance(unet.attn_processors[find_layers(unet).self_attention[0]], FrameAttnProcessor)
+            with pytest.raises(RuntimeError, match="outside a UNet call of its editor"):
+                unet(x, 501, encoder_hidden_states=context)
     assert dict(unet.attn_processors) == before
     assert editor.injections == {"attention": len(editor.layers.injected_attention), "conv": 1}
     assert editor.unet_frames == 6

@@ -128,15 +128,13 @@ class TokenFlowEditor:
 
     @contextmanager
     def hooked(self) -> Iterator["TokenFlowEditor"]:
-        """Put the editor's processors on and hook the PnP conv for the duration; on exit, unhook and put
-        back the processors the UNet had on entry. Re-entrant: `step` and `plain_call` inside it hook
-        nothing more."""
+        """Hook the PnP conv for the duration; the editor's processors go on at its first call and stay
+        until the end, when the processors the UNet had on entry are put back. Re-entrant: `step` and
+        `plain_call` inside it hook nothing more."""
         if self._hook is not None:
             yield self
             return
         self._previous = dict(self.unet.attn_processors)
-        self.unet.set_attn_processor(dict(self._processors["frame"]))  # it pops from the dict it is given
-        self._installed = "frame"
         conv = self.unet.get_submodule(self.layers.injected_conv)
         self._hook = conv.register_forward_hook(conv_hook(self._context))
         try:
@@ -151,10 +149,12 @@ class TokenFlowEditor:
     def _install(self, kind: str) -> None:
         """The processors of pass `kind` ("frame", "keyframe", "propagate") on the self-attentions, if not
         already. Set module by module: a whole-UNet `set_attn_processor` per pass walks every module."""
-        if self._installed != kind:
+        if self._installed is None:
+            self.unet.set_attn_processor(dict(self._processors[kind]))  # it pops from the dict it is given
+        elif self._installed != kind:
             for name, module in self._attn1.items():
                 module.set_processor(self._processors[kind][name])
-            self._installed = kind
+        self._installed = kind
 
     def _branches(self, source: torch.Tensor, latents: torch.Tensor, timestep: int, edges: np.ndarray | None, *,
                   inject_attention: bool, inject_conv: bool, neighbours: Neighbours | None = None) -> torch.Tensor:
