@@ -26,11 +26,11 @@ CROP = 64
 HELD_OUT = ("coffee", "chelsea")  # photographs kept out of training, for the PSNR printed at the end
 
 
-def natural_images(names: list[str] | None = None) -> dict[str, np.ndarray]:
+def natural_images() -> dict[str, np.ndarray]:
     """scikit-image's bundled photographs as float RGB arrays in [0, 1] (grey ones repeated to RGB)."""
     import skimage.data
 
-    wanted = names or ["astronaut", "brick", "camera", "coffee", "coins", "colorwheel", "grass",
+    wanted = ["astronaut", "brick", "camera", "coffee", "coins", "colorwheel", "grass",
                        "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon",
                        "page", "retina", "rocket", "text", "chelsea"]  # "cat" is chelsea again
     images = {}
@@ -71,7 +71,6 @@ def random_crop(rng: np.random.Generator, image: np.ndarray) -> torch.Tensor:
     """A crop of random scale and position, resized to CROP pixels and randomly flipped."""
     h, w = image.shape[:2]
     side = int(min(h, w) * rng.uniform(0.3, 1.0))
-    side = max(side, 16)
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
     crop = torch.from_numpy(image[y : y + side, x : x + side]).permute(2, 0, 1)[None]
     crop = F.interpolate(crop, size=CROP, mode="area" if side > CROP else "bilinear",

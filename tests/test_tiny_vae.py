@@ -1,7 +1,6 @@
 """The embedded tiny model's trained VAE: shipped small, loaded exactly, and good enough that the
 demo's decoded video looks like the source."""
 
-import math
 import subprocess
 import sys
 
@@ -11,11 +10,7 @@ from safetensors import safe_open
 
 from conftest import REPO, SHARED_VIDEO, require_shared
 from vfx import media, models
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * math.log10(255.0**2 / mse)
+from vfx.metrics import psnr
 
 
 def test_the_weights_ship_small_in_float16_with_their_scaling_factor():
