@@ -99,3 +99,26 @@ def test_concurrent_array_creation_is_safe(encoded, tmp_path):
         assert proc.wait(timeout=300) == 0
     assert chunk_files(fresh / "latents" / "latents.zarr") == chunk_files(encoded / "latents" / "latents.zarr")
     assert ok_json("encode", fresh)["up_to_date"] is True
+
+
+def test_completing_shard_sweeps_what_killed_writes_left(encoded, tmp_path):
+    """A write killed between create and rename leaves Zarr's `KEY.<uuid>.partial` (or a marker's
+    `.NAME.<random>.tmp`); the shard that completes the stage deletes them, so the artifact holds the
+    bytes of a clean run and nothing else."""
+    import uuid
+
+    project = copy_project(encoded, tmp_path / "torn", ("frames",))
+    ok("encode", project, "--shard", "0/2")
+    array = project / "latents" / "latents.zarr"
+    chunk = sorted(p for p in array.rglob("*") if p.is_file() and p.name != "zarr.json")[0]
+    torn_chunk = chunk.with_suffix(f".{uuid.uuid4().hex}.partial")  # the name Zarr's local store writes to
+    torn_chunk.write_bytes(chunk.read_bytes()[:7])
+    torn_marker = project / "latents" / ".done" / ".00001.json.k3x_9qzp.tmp"
+    torn_marker.write_text('{"sha')
+    kept = project / "latents" / "notes.partial"  # not a temporary's name: stays
+    kept.write_text("mine")
+
+    ok("encode", project, "--shard", "1/2")
+    assert json.loads((project / "latents" / "stage.json").read_text())["state"] == "complete"
+    assert not torn_chunk.exists() and not torn_marker.exists() and kept.read_text() == "mine"
+    assert chunk_files(array) == chunk_files(encoded / "latents" / "latents.zarr")

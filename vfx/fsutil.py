@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +20,21 @@ def _default_mode() -> int:
 
 
 FILE_MODE = _default_mode()
+
+
+# What a write killed between its create and its rename leaves behind: Zarr's `KEY.<uuid hex>.partial`
+# chunk files and atomic_write_bytes' `.NAME.<random>.tmp` files.
+TORN_WRITE = re.compile(r"(\.[0-9a-f]{32}\.partial|^\..+\.[a-z0-9_]{8}\.tmp)$")
+
+
+def remove_torn_writes(folder: Path) -> list[Path]:
+    """Delete the temporary files of writes killed mid-way under `folder`; returns what went.
+
+    Only safe when nothing else writes there (a stage completing under its lock, every unit done)."""
+    torn = [path for path in Path(folder).rglob("*") if TORN_WRITE.search(path.name) and path.is_file()]
+    for path in torn:
+        path.unlink(missing_ok=True)
+    return torn
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import vfx
 from vfx import graph, invocation, locks
 from vfx.errors import BadInput, MissingStage, VfxError
-from vfx.fsutil import atomic_write_json, file_lock, read_json
+from vfx.fsutil import atomic_write_json, file_lock, read_json, remove_torn_writes
 
 RECORD = "stage.json"
 DONE_DIR = ".done"
@@ -413,6 +413,7 @@ class StageRun:
             if len(self.folder.done_units() & set(range(self.units))) < self.units:
                 return False
             summary = finalize() if finalize else None
+            remove_torn_writes(self.path)  # a killed earlier run's temporaries: the artifact is what was marked
             finished = time.time()
             rec.update(
                 state="complete",
