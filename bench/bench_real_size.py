@@ -61,7 +61,7 @@ def edit_worker(config: dict) -> dict:
 
     s = settings(Path(config["root"]))
     frames = config["frames"]
-    bare = unet_seconds_per_frame(s.pipeline(), FRAME_BATCH, SIZE, repeats=1)
+    bare = unet_seconds_per_frame(s.pipeline(), FRAME_BATCH, SIZE, repeats=1, warmup=1)
     seconds, _ = timed(edit, s, EditConfig(prompt=PROMPT, name="bench", steps=STEPS, frame_batch=FRAME_BATCH))
     per_eval = seconds / (3 * frames * STEPS)
     return {"rss_mb": peak_rss_mb(), "s_per_step": seconds / STEPS, "per_eval": per_eval, "bare": bare}

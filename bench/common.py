@@ -56,19 +56,25 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - began, result
 
 
-def unet_seconds_per_frame(pipe, batch: int, size: int, repeats: int = 5) -> float:
-    """Time of one frame-evaluation of the bare UNet (no hooks), at a given batch size."""
+def unet_seconds_per_frame(pipe, batch: int, size: int, repeats: int = 5, warmup: int = 3) -> float:
+    """Time of one frame-evaluation of the bare UNet (no hooks), at a given batch size: the median call
+    after `warmup` calls (the first calls at a new shape run slower)."""
+    import statistics
+
     import torch
 
     unet = pipe.unet
     x = torch.randn(batch, 4, size // 8, size // 8, dtype=unet.dtype)
     context = torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=unet.dtype)
+    times = []
     with torch.no_grad():
-        unet(x, 500, encoder_hidden_states=context)
-        began = time.perf_counter()
-        for _ in range(repeats):
+        for _ in range(warmup):
             unet(x, 500, encoder_hidden_states=context)
-    return (time.perf_counter() - began) / repeats / batch
+        for _ in range(repeats):
+            began = time.perf_counter()
+            unet(x, 500, encoder_hidden_states=context)
+            times.append(time.perf_counter() - began)
+    return statistics.median(times) / batch
 
 
 def table(title: str, header: list[str], rows: list[list]) -> str:

@@ -3,7 +3,8 @@
 Each rank owns a contiguous block of frame chunks. Per step all ranks draw the same keyframes
 (same seed), exchange the keyframes' current latents (an all-reduce over a tensor in which each
 rank filled only the keyframes it owns, so the sum is exact), run the same keyframe pass, and
-propagate and write only their own chunks.
+propagate and write only their own chunks. The propagation batches are planned over the whole video,
+so a batch that straddles two ranks' chunks runs on both: every rank's batches are those of one process.
 """
 
 from __future__ import annotations

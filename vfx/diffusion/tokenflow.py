@@ -213,12 +213,22 @@ class TokenFlowEditor:
             plan.given_b = [maps[(f, keyframes[int(b)])] for f, b in zip(frames, plan.slot_b)]
         return plan
 
+    def _propagation_batches(self, frames: int, keyframes: list[int]) -> list[list[int]]:
+        """The propagation pass's UNet batches: the frames to propagate, in order, `frame_batch` at a time,
+        over the whole video. Batches cross chunk boundaries, so every call is full; the plan depends on
+        nothing but the frames and keyframes, so a rank that owns some chunks runs the same batches (the
+        same bytes) as one process that owns them all."""
+        skip = set(keyframes) if self.propagation == "distance" else set()  # a keyframe's output is its own
+        todo = [f for f in range(frames) if f not in skip]
+        return [todo[i : i + self.frame_batch] for i in range(0, len(todo), self.frame_batch)]
+
     @torch.no_grad()
     def step(self, io: StepIO, frames: int, chunk: int, keyframes: list[int], timestep: int, prev: int | None,
              on_phase: Callable[[str], None] = lambda text: None, chunks: Sequence[int] | None = None, *,
              inject_attention: bool = False, inject_conv: bool = False) -> None:
-        """One denoising step: the keyframe pass, then propagation over `chunks` (default: all). PnP injects
-        the source's q/k (`inject_attention`) and conv features (`inject_conv`) in this step or not."""
+        """One denoising step: the keyframe pass, then propagation and the denoised write of each chunk in
+        `chunks` (default: all). PnP injects the source's q/k (`inject_attention`) and conv features
+        (`inject_conv`) in this step or not."""
         inject = {"inject_attention": inject_attention, "inject_conv": inject_conv}
         cache = self._context.cache
         with self.hooked():
@@ -230,9 +240,14 @@ class TokenFlowEditor:
                 self._install("propagate")
                 ranges = chunk_ranges(frames, chunk)
                 chunks = range(len(ranges)) if chunks is None else chunks
+                pass_ = _PropagationPass(self, io, frames, ranges, keyframes, keyframe_output, timestep, inject)
                 for count, index in enumerate(chunks):
                     on_phase(f"propagation {count + 1}/{len(chunks)}")
-                    self._propagate_chunk(io, ranges[index], keyframes, keyframe_output, timestep, prev, inject)
+                    start, end = ranges[index]
+                    output = pass_.outputs(start, end)
+                    result = self.schedule.denoise_step(output, pass_.latents.chunk(index), timestep, prev)
+                    io.write(start, end, result.cpu().numpy())
+                    pass_.release_through(index)
             finally:
                 cache.clear()
 
@@ -242,27 +257,67 @@ class TokenFlowEditor:
         source = self._tensor(io.read_source_frames(keyframes))
         return self._branches(source, latents, timestep, self._edges(io, keyframes), **inject)
 
-    def _propagate_chunk(self, io: StepIO, frame_range: tuple[int, int], keyframes: list[int],
-                         keyframe_output: torch.Tensor, timestep: int, prev: int | None, inject: dict) -> None:
-        """Frames [start, end) through the UNet with propagated self-attention, `frame_batch` at a time,
-        then denoised and written; with distance propagation a keyframe reuses its own output."""
-        start, end = frame_range
-        reuse = self.propagation == "distance"  # a keyframe's propagated output is its own
-        slot_of = {frame: slot for slot, frame in enumerate(keyframes)}
-        latents = self._tensor(io.read(start, end))
-        source = self._tensor(io.read_source(start, end))
-        output = torch.empty_like(latents)
-        todo = [f for f in range(start, end) if not (reuse and f in slot_of)]
-        for f in range(start, end):
-            if reuse and f in slot_of:
-                output[f - start] = keyframe_output[slot_of[f]]
-        edges = self._edges(io, list(range(start, end)))
-        maps = self._flow_maps(todo, keyframes)
-        for sub in range(0, len(todo), self.frame_batch):
-            batch = todo[sub : sub + self.frame_batch]
-            rows = [f - start for f in batch]
-            plan = self._with_flow(self._neighbours(batch, keyframes), batch, keyframes, maps)
-            output[rows] = self._branches(source[rows], latents[rows], timestep,
-                                          edges[rows] if edges is not None else None, neighbours=plan, **inject)
-        result = self.schedule.denoise_step(output, latents, timestep, prev)
-        io.write(start, end, result.cpu().numpy())
+    def _propagate_batch(self, io: StepIO, batch: list[int], latents: torch.Tensor, source: torch.Tensor,
+                         keyframes: list[int], timestep: int, inject: dict) -> torch.Tensor:
+        """The guided outputs of the frames of `batch` (their latents and source latents given), with
+        self-attention propagated from the keyframes."""
+        plan = self._with_flow(self._neighbours(batch, keyframes), batch, keyframes, self._flow_maps(batch, keyframes))
+        return self._branches(source, latents, timestep, self._edges(io, batch), neighbours=plan, **inject)
+
+
+class _ChunkRows:
+    """Frames of one stored array as tensors, read a whole chunk at a time and kept until released."""
+
+    def __init__(self, read: Callable[[int, int], np.ndarray], ranges: list[tuple[int, int]], to_tensor):
+        self.read, self.ranges, self.to_tensor = read, ranges, to_tensor
+        self.starts = [start for start, _ in ranges]
+        self.held: dict[int, torch.Tensor] = {}
+
+    def chunk(self, index: int) -> torch.Tensor:
+        if index not in self.held:
+            self.held[index] = self.to_tensor(self.read(*self.ranges[index]))
+        return self.held[index]
+
+    def frames(self, frames: list[int]) -> torch.Tensor:
+        picked = []
+        for frame in frames:
+            index = bisect.bisect_right(self.starts, frame) - 1
+            picked.append(self.chunk(index)[frame - self.starts[index]])
+        return torch.stack(picked)
+
+    def release_through(self, index: int) -> None:
+        for held in [i for i in self.held if i <= index]:
+            del self.held[held]
+
+
+class _PropagationPass:
+    """The propagation pass of one step, chunk by chunk: each chunk's outputs come from the batches that
+    hold its frames (run when first needed, over chunk boundaries) and, with distance propagation, from
+    the keyframe pass for its keyframes. Memory holds a batch and the chunks it touches, not the video."""
+
+    def __init__(self, editor: TokenFlowEditor, io: StepIO, frames: int, ranges: list[tuple[int, int]],
+                 keyframes: list[int], keyframe_output: torch.Tensor, timestep: int, inject: dict):
+        self.editor, self.io, self.keyframes, self.timestep, self.inject = editor, io, keyframes, timestep, inject
+        self.latents = _ChunkRows(io.read, ranges, editor._tensor)
+        self.source = _ChunkRows(io.read_source, ranges, editor._tensor)
+        self.batches = editor._propagation_batches(frames, keyframes)
+        self.batch_of = {frame: b for b, batch in enumerate(self.batches) for frame in batch}
+        self.own = {frame: keyframe_output[slot] for slot, frame in enumerate(keyframes)}
+        self.ran: set[int] = set()  # the batches run so far
+        self.done: dict[int, torch.Tensor] = {}  # frame -> guided output, until its chunk is written
+
+    def outputs(self, start: int, end: int) -> torch.Tensor:
+        """[end - start, C, h, w]: the guided outputs of frames [start, end)."""
+        for b in sorted({self.batch_of[f] for f in range(start, end) if f in self.batch_of} - self.ran):
+            batch = self.batches[b]
+            self.ran.add(b)
+            out = self.editor._propagate_batch(self.io, batch, self.latents.frames(batch), self.source.frames(batch),
+                                               self.keyframes, self.timestep, self.inject)
+            self.done.update(zip(batch, out))
+        return torch.stack([self.done.pop(f) if f in self.batch_of else self.own[f] for f in range(start, end)])
+
+    def release_through(self, index: int) -> None:
+        """Chunk `index` is written: every batch touching the chunks up to it has run, so they are not
+        read again (chunks are written in order)."""
+        self.latents.release_through(index)
+        self.source.release_through(index)
