@@ -67,6 +67,17 @@ def test_only_rank_0_prints_messages(tmp_path):
     assert other.stderr == ""
 
 
+
+def test_bitsandbytes_import_warnings_are_not_printed(tmp_path):
+    """On CPUs with AVX512-BF16, importing bitsandbytes (diffusers does whenever it is installed) warns
+    about a 4-bit kernel vfx never uses: every command, on every rank, would print it."""
+    import logging
+
+    root = inverted(tmp_path, moving(2))
+    assert invoke("status", root).exit_code == 0
+    emitter = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the logger that warns
+    assert not emitter.isEnabledFor(logging.WARNING) and emitter.isEnabledFor(logging.ERROR)
+
 def edit_markers(root, name: str) -> dict[int, dict]:
     folder = root / "edits" / name / ".done"
     return {int(path.stem): json.loads(path.read_text()) for path in folder.glob("*.json")}

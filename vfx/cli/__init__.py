@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Annotated
 
@@ -41,6 +42,9 @@ def _global(
     """Global options."""
     DEBUG["on"] = DEBUG["on"] or debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # vfx downloads nothing; a user's own setting wins
+    # diffusers imports bitsandbytes whenever it is installed, and on CPUs with AVX512-BF16 its import warns
+    # about a 4-bit CPU kernel it cannot fetch; vfx never uses 4-bit kernels (8-bit Adam needs none).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # Under torchrun or accelerate, one process speaks: rank 0's messages and progress are everyone's.
     secondary = os.environ.get("RANK", "0") not in {"", "0"}
     log.set_quiet(quiet or log.quiet_from_env() or secondary)
