@@ -27,14 +27,13 @@ FILE_MODE = _default_mode()
 TORN_WRITE = re.compile(r"(\.[0-9a-f]{32}\.partial|^\..+\.[a-z0-9_]{8}\.tmp)$")
 
 
-def remove_torn_writes(folder: Path) -> list[Path]:
-    """Delete the temporary files of writes killed mid-way under `folder`; returns what went.
+def remove_torn_writes(folder: Path) -> None:
+    """Delete the temporary files of writes killed mid-way under `folder`.
 
     Only safe when nothing else writes there (a stage completing under its lock, every unit done)."""
-    torn = [path for path in Path(folder).rglob("*") if TORN_WRITE.search(path.name) and path.is_file()]
-    for path in torn:
-        path.unlink(missing_ok=True)
-    return torn
+    for path in list(Path(folder).rglob("*")):
+        if TORN_WRITE.search(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
