@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,8 +60,6 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
 def unet_seconds_per_frame(pipe, batch: int, size: int, repeats: int = 5, warmup: int = 3) -> float:
     """Time of one frame-evaluation of the bare UNet (no hooks), at a given batch size: the median call
     after `warmup` calls (the first calls at a new shape run slower)."""
-    import statistics
-
     import torch
 
     unet = pipe.unet

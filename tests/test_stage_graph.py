@@ -67,7 +67,6 @@ def test_only_rank_0_prints_messages(tmp_path):
     assert other.stderr == ""
 
 
-
 def test_bitsandbytes_import_warnings_are_not_printed(tmp_path):
     """On CPUs with AVX512-BF16, importing bitsandbytes (diffusers does whenever it is installed) warns
     about a 4-bit kernel vfx never uses: every command, on every rank, would print it."""
@@ -77,6 +76,7 @@ def test_bitsandbytes_import_warnings_are_not_printed(tmp_path):
     assert invoke("status", root).exit_code == 0
     emitter = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the logger that warns
     assert not emitter.isEnabledFor(logging.WARNING) and emitter.isEnabledFor(logging.ERROR)
+
 
 def edit_markers(root, name: str) -> dict[int, dict]:
     folder = root / "edits" / name / ".done"
