@@ -62,16 +62,18 @@ def unet_seconds_per_frame(pipe, batch: int, size: int, repeats: int = 5, warmup
     after `warmup` calls (the first calls at a new shape run slower)."""
     import torch
 
+    from vfx.diffusion.text import encode_prompt
+
     unet = pipe.unet
-    x = torch.randn(batch, 4, size // 8, size // 8, dtype=unet.dtype)
-    context = torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=unet.dtype)
+    x = torch.randn(batch, unet.config.in_channels, size // 8, size // 8, dtype=unet.dtype)
+    condition = encode_prompt(pipe, "", (size, size)).repeat(batch).unet_kwargs()
     times = []
     with torch.no_grad():
         for _ in range(warmup):
-            unet(x, 500, encoder_hidden_states=context)
+            unet(x, 500, **condition)
         for _ in range(repeats):
             began = time.perf_counter()
-            unet(x, 500, encoder_hidden_states=context)
+            unet(x, 500, **condition)
             times.append(time.perf_counter() - began)
     return statistics.median(times) / batch
 

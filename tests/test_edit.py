@@ -194,14 +194,15 @@ def test_editor_owns_its_processors_and_refuses_a_foreign_layout():
     is refused, never reinterpreted; injections are counted."""
     from vfx.diffusion.attention import Call, FrameAttnProcessor, ProcessorContext, conv_hook
     from vfx.diffusion.ddim import Schedule
+    from vfx.diffusion.text import Conditioning
     from vfx.diffusion.tokenflow import Embeddings, TokenFlowEditor
 
     pipe = tiny_pipe()
     unet, before = pipe.unet, dict(pipe.unet.attn_processors)
-    emb = torch.zeros(1, 77, unet.config.cross_attention_dim)
+    emb = Conditioning(torch.zeros(1, 77, unet.config.cross_attention_dim))
     editor = TokenFlowEditor(unet, Schedule.from_pipeline(pipe), Embeddings(emb, emb, emb), 7.5, "distance", 8,
                              torch.device("cpu"))
-    x, context = torch.randn(5, 4, 8, 8), emb.expand(5, -1, -1)
+    x, context = torch.randn(5, 4, 8, 8), emb.hidden.expand(5, -1, -1)
     with torch.no_grad():
         bare = unet(x, 501, encoder_hidden_states=context).sample
         with editor.hooked():

@@ -19,6 +19,7 @@ from vfx.diffusion.controlnet import ControlGuide
 from vfx.diffusion.correspondence import FlowCorrespondences, FlowFields, compose, to_tokens, token_grids
 from vfx.diffusion.ddim import Schedule
 from vfx.diffusion.sdedit import fresh_noise, start_index
+from vfx.diffusion.text import Conditioning
 from vfx.errors import BadInput
 
 FIRST_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
@@ -136,8 +137,8 @@ def test_controlnet_residuals_reach_the_edit_branches_only():
     sample = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     context = torch.randn(6, 77, 32, generator=torch.Generator().manual_seed(1))
     edges = np.stack([cv2.Canny(textured(64, seed=s), 100, 200) for s in (1, 2)])
-    full = ControlGuide(controlnet, 1.0).residuals(sample, 500, context, edges)
-    half = ControlGuide(controlnet, 0.5).residuals(sample, 500, context, edges)
+    full = ControlGuide(controlnet, 1.0).residuals(sample, 500, Conditioning(context), edges)
+    half = ControlGuide(controlnet, 0.5).residuals(sample, 500, Conditioning(context), edges)
     residuals = full["down_block_additional_residuals"] + [full["mid_block_additional_residual"]]
     assert len(residuals) == 3 * 4 + 1  # conv_in + 2 resnets and a downsampler per block (none after the last) + mid
     for residual in residuals:

@@ -40,7 +40,7 @@ def test_trajectory_matches_diffusers_ddim_inverse_scheduler(small):
     pipe = tiny_pipe(model)
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(20)
-    embedding = encode_prompt(pipe, "a photo").expand(3, -1, -1)
+    embedding = encode_prompt(pipe, "a photo").hidden.expand(3, -1, -1)
     x = torch.from_numpy(np.asarray(zarr.open_array(str(root / "latents" / "latents.zarr"))))
     reference = {}
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Loading Stable Diffusion pipelines, and the embedded tiny SD-shaped default model.
 
 `tiny` is SD 1.x-shaped (epsilon prediction, 4 heads, conv projections); `tiny-v` is SD 2.x-shaped
-(v-prediction, linear projections, per-block head counts). Both are built deterministically from
+(v-prediction, linear projections, per-block head counts); `tiny-xl` is SDXL-shaped (two text
+encoders, micro-conditioning, SDXL's block layout and VAE scaling). All are built deterministically from
 a fixed seed, cached, and exercise the same code paths as the real checkpoints at toy cost.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -28,7 +30,8 @@ from vfx.fsutil import file_lock, replace_path
 # 5: a trained VAE (scripts/train_tiny_vae.py), so decoded frames look like the video.
 TINY_VERSION = 5
 TINY_VAE_ASSET = Path(__file__).parent / "assets" / "tiny_vae.safetensors"
-TINY_NAMES = ("tiny", "tiny-v")
+TINY_NAMES = ("tiny", "tiny-v", "tiny-xl")
+SDXL_SCALING_FACTOR = 0.13025
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -41,40 +44,63 @@ def cache_dir() -> Path:
 
 def build_tiny(folder: Path, variant: str = "tiny") -> Path:
     """Build the tiny pipeline into `folder` (deterministic: the same bytes every time)."""
-    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import ControlNetModel
 
     from vfx.portable import portable_pipeline
+
+    folder = Path(folder)
+    pipe = tiny_xl_pipeline() if variant == "tiny-xl" else tiny_sd_pipeline(variant == "tiny-v")
+    pipe.save_pretrained(folder)
+    portable_pipeline(folder)
+    torch.manual_seed(3)
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    wake_zero_convolutions(controlnet)
+    controlnet.save_pretrained(folder / "controlnet")
+    (folder / "VFX_TINY_MODEL").write_text(f"{variant} {TINY_VERSION}\n")
+    return folder
+
+
+def tiny_tokenizer(pad_token: str):
+    """A CLIPTokenizer over the local BPE vocabulary (vfx/tokenizer.py), CLIP's 77-token limit."""
+    from transformers import CLIPTokenizer
+
     from vfx.tokenizer import write_tokenizer_files
 
-    sd2 = variant == "tiny-v"
-    folder = Path(folder)
     with tempfile.TemporaryDirectory() as scratch:
-        vocab_size = write_tokenizer_files(Path(scratch))
-        tokenizer = CLIPTokenizer(
-            str(Path(scratch) / "vocab.json"),
-            str(Path(scratch) / "merges.txt"),
-            pad_token="!" if sd2 else "<|endoftext|>",
-            model_max_length=77,
-        )
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size,
+        write_tokenizer_files(Path(scratch))
+        return CLIPTokenizer(str(Path(scratch) / "vocab.json"), str(Path(scratch) / "merges.txt"),
+                             pad_token=pad_token, model_max_length=77)
+
+
+def tiny_text_encoder(tokenizer, seed: int, activation: str, projection: bool = False):
+    """A 2-layer CLIP text encoder of width 32 (`projection`: with the projected pooled output, as SDXL's second)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        hidden_act="gelu" if sd2 else "quick_gelu",
+        hidden_act=activation,
         projection_dim=32,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(text_config)
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def tiny_sd_pipeline(sd2: bool):
+    """SD 1.x-shaped (epsilon, quick-GELU CLIP) or, with `sd2`, SD 2.x-shaped (v-prediction, OpenCLIP-like)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    tokenizer = tiny_tokenizer("!" if sd2 else "<|endoftext|>")
+    text_encoder = tiny_text_encoder(tokenizer, 0, "gelu" if sd2 else "quick_gelu")
     torch.manual_seed(1)
     unet = tiny_unet(sd2)
-    vae = tiny_vae()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -84,8 +110,8 @@ def build_tiny(folder: Path, variant: str = "tiny") -> Path:
         steps_offset=1,
         prediction_type="v_prediction" if sd2 else "epsilon",
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
+    return StableDiffusionPipeline(
+        vae=tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
@@ -94,14 +120,30 @@ def build_tiny(folder: Path, variant: str = "tiny") -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder)
-    portable_pipeline(folder)
-    torch.manual_seed(3)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
-    wake_zero_convolutions(controlnet)
-    controlnet.save_pretrained(folder / "controlnet")
-    (folder / "VFX_TINY_MODEL").write_text(f"{variant} {TINY_VERSION}\n")
-    return folder
+
+
+def tiny_xl_pipeline():
+    """SDXL-shaped: two CLIP text encoders (the second with projection; SDXL pads it with "!"), the
+    text-and-time micro-conditioned UNet, SDXL's VAE scaling, its Euler scheduler config."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = tiny_tokenizer("<|endoftext|>"), tiny_tokenizer("!")
+    text_encoder = tiny_text_encoder(tokenizer, 0, "quick_gelu")
+    text_encoder_2 = tiny_text_encoder(tokenizer_2, 2, "gelu", projection=True)
+    torch.manual_seed(1)
+    unet = tiny_xl_unet(cross_attention_dim=2 * 32, pooled_dim=32)
+    config = json.loads((Path(__file__).parent / "configs" / "sdxl" / "scheduler" / "scheduler_config.json").read_text())
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(SDXL_SCALING_FACTOR),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(config),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
 
 
 def tiny_unet(sd2: bool):
@@ -123,6 +165,31 @@ def tiny_unet(sd2: bool):
     )
 
 
+def tiny_xl_unet(cross_attention_dim: int, pooled_dim: int, time_embed_dim: int = 8):
+    """SDXL's UNet layout at toy width: 3 levels, no attention at the first, more transformer layers
+    deeper in (SDXL: 0 / 2 / 10), linear projections, and the pooled text + six time ids added to the
+    timestep embedding (`text_time`)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim,
+        norm_num_groups=16,
+    )
+
+
 def bare_tiny_vae():
     """SD's VAE shape (downsampling factor 8, 4 latent channels) at toy width, untrained."""
     from diffusers import AutoencoderKL
@@ -140,19 +207,29 @@ def bare_tiny_vae():
     )
 
 
-def tiny_vae():
+def tiny_vae(scaling_factor: float | None = None):
     """The tiny VAE with its shipped trained weights and their unit-variance latent scaling factor.
 
-    The weights are float16 to keep the repository small; the model is float32 like the rest.
+    The weights are float16 to keep the repository small; the model is float32 like the rest. With
+    `scaling_factor`, the latent space is rescaled (the encoder's output convolution times k, the
+    decoder's input convolution divided by k: the same images) so that this factor still gives unit
+    variance, as SDXL's 0.13025 does for its VAE.
     """
     from safetensors import safe_open
 
     vae = bare_tiny_vae()
     with safe_open(str(TINY_VAE_ASSET), framework="pt") as weights:
         state = {name: weights.get_tensor(name).float() for name in weights.keys()}
-        scale = float(weights.metadata()["scaling_factor"])
+        trained = float(weights.metadata()["scaling_factor"])
+    if scaling_factor is not None:
+        k = trained / scaling_factor
+        channels = vae.config.latent_channels
+        state["quant_conv.weight"][:channels] *= k  # the posterior mean
+        state["quant_conv.bias"][:channels] *= k
+        state["quant_conv.bias"][channels:] += 2 * math.log(k)  # its log-variance
+        state["post_quant_conv.weight"] /= k
     vae.load_state_dict(state, strict=True)
-    vae.register_to_config(scaling_factor=scale)
+    vae.register_to_config(scaling_factor=scaling_factor or trained)  # force_upcast stays True, as SDXL's
     return vae
 
 
@@ -289,27 +366,67 @@ def resolve_model(spec: str | None, allow_pickle: bool = False) -> ModelRef:
     raise BadInput(f"unknown model {spec!r}: use 'tiny', a diffusers folder, a .safetensors file or a cached Hub id")
 
 
+# ---------------------------------------------------------------- model families
+
+# The diffusers pipeline class of each family vfx runs.
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def family_of_unet(config: dict) -> str:
+    """'sdxl' for a UNet micro-conditioned on pooled text and time ids, 'sd' (1.x/2.x) otherwise."""
+    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+
+
+def family_of_checkpoint(path: Path) -> str:
+    """The family of a single-file .safetensors checkpoint, from its tensor names (the header only):
+    SDXL's original layout keeps its two text encoders under `conditioner.embedders`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as weights:
+        keys = weights.keys()
+    return "sdxl" if any(key.startswith("conditioner.embedders.1.") for key in keys) else "sd"
+
+
+def model_family(ref: ModelRef, model_config: str | None = None) -> str:
+    """The family of `ref`, read from its UNet config (or, for a single file, its --model-config's or
+    its tensor names); a pickled single file without --model-config is taken as SD 1.x/2.x."""
+    if ref.kind == "single-file" and not model_config:
+        return family_of_checkpoint(Path(ref.location)) if ref.location.endswith(".safetensors") else "sd"
+    if ref.kind == "single-file":
+        folder = Path(model_config) if Path(model_config).is_dir() else cached_hub_folder(model_config, "--model-config")
+    else:
+        folder = tiny_model_dir(ref.location) if ref.is_tiny else Path(ref.location)
+    try:
+        return family_of_unet(json.loads((folder / "unet" / "config.json").read_text()))
+    except (OSError, ValueError):
+        raise BadInput(f"{folder} has no readable unet/config.json: cannot tell which model family it is") from None
+
+
+# ---------------------------------------------------------------- loading
+
 _warned_tiny = False
 
 
 def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model_config: str | None = None):
-    """A StableDiffusionPipeline on `device`; the VAE stays fp32 (fp16 VAEs are known to overflow)."""
-    from diffusers import StableDiffusionPipeline
+    """The model's pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline, told by its config) on
+    `device`; the VAE stays fp32 (fp16 VAEs are known to overflow)."""
+    import diffusers
 
     global _warned_tiny
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
+    family = model_family(ref, model_config)
+    pipeline_class = getattr(diffusers, PIPELINES[family])
     if ref.is_tiny:
         if not _warned_tiny:
             log.note("using the embedded tiny model: its outputs are not meaningful images")
             _warned_tiny = True
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir(ref.location), local_files_only=True)
+        pipe = pipeline_class.from_pretrained(tiny_model_dir(ref.location), local_files_only=True)
     elif ref.kind in {"folder", "hub"}:
+        extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                ref.location, local_files_only=True, safety_checker=None, requires_safety_checker=False
-            )
+            pipe = pipeline_class.from_pretrained(ref.location, local_files_only=True, **extra)
         except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a folder it cannot read
             raise BadInput(f"could not load the model at {ref.location}: {type(exc).__name__}: {exc}") from None
     else:
@@ -317,16 +434,20 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model
         if model_config:
             kwargs["config"] = model_config
         try:
-            pipe = StableDiffusionPipeline.from_single_file(ref.location, **kwargs)
+            pipe = pipeline_class.from_single_file(ref.location, **kwargs)
         except Exception as exc:
             raise BadInput(
                 f"could not load single-file checkpoint {Path(ref.location).name}: {exc}. "
                 "Pass --model-config with a diffusers folder or cached Hub id describing its architecture"
             ) from None
+    if family == "sdxl" and getattr(pipe, "text_encoder", None) is None:
+        raise BadInput(f"{ref.spec} has no first text encoder (an SDXL refiner?): vfx runs SDXL base models")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     pipe.unet.to(dtype)
-    pipe.text_encoder.to(dtype)
+    for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if encoder is not None:
+            encoder.to(dtype)
     pipe.vae.to(torch.float32)
     return pipe
 

@@ -54,9 +54,15 @@ class UNetLayers:
 
 
 def find_layers(unet) -> UNetLayers:
-    """SD's reference choice, located structurally: the decoder's cross-attention up blocks after the
-    first; in the first of them, every transformer but the first gets q/k injection and resnet 1's conv2
-    gets feature injection (up_blocks 1-3 and up_blocks[1].resnets[1] in SD 1.x/2.x)."""
+    """PnP's reference choice, located structurally: every self-attention of the decoder's cross-attention
+    up blocks except those of the first block's first attention module gets q/k injection, and the first
+    such block's resnet 1 gets feature injection at its conv2.
+
+    SD 1.x/2.x (one transformer per module): up_blocks 1-3 but up_blocks[1].attentions[0], and
+    up_blocks[1].resnets[1] (a quarter of the latent's side). SDXL has attention at two levels only:
+    up_blocks[0] (a quarter of the latent's side, 10 transformers per module) and up_blocks[1] (half,
+    2 each); the same rule injects the 20 self-attentions of up_blocks[0].attentions[1:] and the 6 of
+    up_blocks[1], and the features of up_blocks[0].resnets[1], at the same quarter resolution as SD's."""
     self_attention = [name for name in unet.attn_processors if name.endswith("attn1.processor")]
     attn_up = [i for i, block in enumerate(unet.up_blocks) if getattr(block, "attentions", None)]
     if not attn_up:
@@ -68,7 +74,7 @@ def find_layers(unet) -> UNetLayers:
             if i == first and j == 0:
                 continue
             injected += [f"up_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn1.processor"
-                         for k in range(len(attention.transformer_blocks))][:1]
+                         for k in range(len(attention.transformer_blocks))]
     resnet = 1 if len(unet.up_blocks[first].resnets) > 1 else 0
     return UNetLayers(self_attention, injected, f"up_blocks.{first}.resnets.{resnet}.conv2")
 

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from vfx.diffusion.text import Conditioning
 from vfx.errors import BadInput
 from vfx.opticalflow import to_grey
 
@@ -48,13 +49,13 @@ class ControlGuide:
         self.controlnet, self.scale = controlnet, scale
         self.frames = 0  # frame-evaluations of the ControlNet (one frame, one branch)
 
-    def residuals(self, sample: torch.Tensor, timestep: int, context: torch.Tensor, edges: np.ndarray) -> dict:
+    def residuals(self, sample: torch.Tensor, timestep: int, condition: Conditioning, edges: np.ndarray) -> dict:
         """UNet keyword arguments for a [source | uncond | cond] batch of m frames each."""
         m = sample.shape[0] // 3
         images = condition_images(edges, sample.device, sample.dtype)
         down, mid = self.controlnet(
-            sample[m:], timestep, encoder_hidden_states=context[m:], controlnet_cond=torch.cat([images, images]),
-            conditioning_scale=self.scale, return_dict=False,
+            sample[m:], timestep, **condition.rows(slice(m, None)).unet_kwargs(),
+            controlnet_cond=torch.cat([images, images]), conditioning_scale=self.scale, return_dict=False,
         )
         self.frames += 2 * m
 

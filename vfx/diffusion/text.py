@@ -1,10 +1,61 @@
-"""Prompt embeddings, with an explicit rule for prompts longer than the tokenizer allows."""
+"""Prompt conditioning for the UNet, with an explicit rule for prompts longer than the tokenizer allows.
+
+SD 1.x/2.x condition on one text encoder's last hidden states. SDXL conditions on two: the
+penultimate hidden states of both, concatenated along the channels, plus the second encoder's pooled
+projection and six micro-conditioning numbers (original size, crop top-left, target size), which
+reach the UNet through `added_cond_kwargs`. `Conditioning` holds either, batched along dim 0.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from vfx import log
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, for a batch of rows: `hidden` [B, 77, d]; SDXL adds `pooled`
+    [B, p] (text_embeds) and `time_ids` [B, 6] (original h, w, crop top, left, target h, w)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def repeat(self, rows: int) -> "Conditioning":
+        """This (one-row) conditioning for `rows` rows (views, no copies)."""
+        def grow(t):
+            return None if t is None else t.expand(rows, *t.shape[1:])
+
+        return Conditioning(grow(self.hidden), grow(self.pooled), grow(self.time_ids))
+
+    def rows(self, index: slice) -> "Conditioning":
+        def pick(t):
+            return None if t is None else t[index]
+
+        return Conditioning(pick(self.hidden), pick(self.pooled), pick(self.time_ids))
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        def join(name):
+            tensors = [getattr(part, name) for part in parts]
+            return None if tensors[0] is None else torch.cat(tensors)
+
+        return Conditioning(join("hidden"), join("pooled"), join("time_ids"))
+
+    def unet_kwargs(self) -> dict:
+        """Keyword arguments of a UNet2DConditionModel (or ControlNetModel) call."""
+        if self.pooled is None:
+            return {"encoder_hidden_states": self.hidden}
+        return {"encoder_hidden_states": self.hidden,
+                "added_cond_kwargs": {"text_embeds": self.pooled, "time_ids": self.time_ids}}
+
+
+def is_sdxl(pipe) -> bool:
+    """SDXL is told by its UNet's config (text and time micro-conditioning), never by a model's name."""
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
 
 
 def token_count(tokenizer, prompt: str) -> int:
@@ -12,14 +63,41 @@ def token_count(tokenizer, prompt: str) -> int:
     return len(tokenizer(prompt, truncation=False).input_ids)
 
 
-@torch.no_grad()
-def encode_prompt(pipe, prompt: str) -> torch.Tensor:
-    """[1, 77, d] text embedding. Prompts over the limit are truncated, with a warning naming the limit."""
-    tokenizer = pipe.tokenizer
+def _token_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """[1, 77] ids of `prompt`. Prompts over the limit are truncated, with a warning naming the limit."""
     limit = tokenizer.model_max_length
     count = token_count(tokenizer, prompt)
     if count > limit:
         log.warn(f"prompt has {count} tokens; the text encoder reads {limit}, so it is truncated: {prompt[:60]!r}…")
-    ids = tokenizer(prompt, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
-    encoder = pipe.text_encoder
-    return encoder(ids.to(encoder.device))[0]
+    return tokenizer(prompt, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+
+
+def micro_conditioning(size: tuple[int, int], rows: int = 1, dtype=torch.float32, device=None) -> torch.Tensor:
+    """SDXL's time ids for frames of pixel `size` (h, w), uncropped: [rows, 6]."""
+    h, w = size
+    return torch.tensor([[h, w, 0, 0, h, w]] * rows, dtype=dtype, device=device)
+
+
+def native_pixel_size(pipe) -> tuple[int, int]:
+    side = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    return side, side
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompt: str, size: tuple[int, int] | None = None, negative: bool = False) -> Conditioning:
+    """One row of conditioning for `prompt`. `size` is the pixel size (h, w) of the frames (SDXL's micro-
+    conditioning; default: the model's native size). With `negative`, an empty prompt gives zeros where
+    the SDXL pipeline's `force_zeros_for_empty_prompt` says so: its guidance without a negative prompt."""
+    if not is_sdxl(pipe):
+        encoder = pipe.text_encoder
+        return Conditioning(encoder(_token_ids(pipe.tokenizer, prompt).to(encoder.device))[0])
+    hidden, pooled = [], None
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        out = encoder(_token_ids(tokenizer, prompt).to(encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the second encoder's projected pooled output (text_embeds)
+    hidden, dtype = torch.cat(hidden, dim=-1), pipe.unet.dtype
+    if negative and not prompt and pipe.config.get("force_zeros_for_empty_prompt", False):
+        hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+    time_ids = micro_conditioning(size or native_pixel_size(pipe), dtype=dtype, device=hidden.device)
+    return Conditioning(hidden.to(dtype), pooled.to(dtype), time_ids)

@@ -25,6 +25,7 @@ from vfx.diffusion.attention import (Branches, Call, Neighbours, ProcessorContex
 from vfx.diffusion.controlnet import ControlGuide
 from vfx.diffusion.correspondence import FlowCorrespondences
 from vfx.diffusion.ddim import Schedule
+from vfx.diffusion.text import Conditioning
 from vfx.store import chunk_ranges
 
 PROPAGATION_MODES = ("distance", "reference")
@@ -80,9 +81,9 @@ def neighbours_reference(frames: list[int], window: int) -> Neighbours:
 
 @dataclass
 class Embeddings:
-    source: torch.Tensor  # [1, 77, d] inversion prompt
-    uncond: torch.Tensor  # [1, 77, d] negative prompt
-    cond: torch.Tensor  # [1, 77, d] edit prompt
+    source: Conditioning  # one row each: the inversion prompt
+    uncond: Conditioning  # the negative prompt
+    cond: Conditioning  # the edit prompt
 
 
 @dataclass
@@ -166,11 +167,11 @@ class TokenFlowEditor:
             raise ValueError(f"{source.shape[0]} source frames for {m} frames")
         e = self.embeddings
         x = torch.cat([source, latents, latents]).to(self.dtype)
-        context = torch.cat([e.source.expand(m, -1, -1), e.uncond.expand(m, -1, -1), e.cond.expand(m, -1, -1)])
-        extra = self.control.residuals(x, timestep, context, edges) if self.control is not None else {}
+        condition = Conditioning.cat([e.source.repeat(m), e.uncond.repeat(m), e.cond.repeat(m)])
+        extra = self.control.residuals(x, timestep, condition, edges) if self.control is not None else {}
         self._context.call = Call(Branches(m), inject_attention, inject_conv, neighbours)
         try:
-            out = self.unet(x, timestep, encoder_hidden_states=context, **extra).sample.float()
+            out = self.unet(x, timestep, **condition.unet_kwargs(), **extra).sample.float()
         finally:
             self._context.call = None
         self.unet_frames += 3 * m

@@ -38,6 +38,7 @@ from vfx.models import load_controlnet, resolve_controlnet
 from vfx.settings import Settings
 from vfx.stage import DONE_DIR, Part, StageRun, parts_checksum, upstream
 from vfx.stages.edit_config import EditConfig
+from vfx.stages.encode import pixel_size
 from vfx.store import chunk_ranges, create_array, open_array
 
 FINAL = "latents.zarr"
@@ -203,8 +204,10 @@ class Edit(Stage):
         if cfg.correspondence == "flow":
             arrays = [open_array(settings.folder("flow", f"{name}.zarr")) for name in FLOW_ARRAYS]
             correspondences = FlowCorrespondences(FlowFields.from_arrays(*arrays), (self.h, self.w))
-        embeddings = Embeddings(encode_prompt(pipe, self.source_prompt), encode_prompt(pipe, cfg.negative_prompt),
-                                encode_prompt(pipe, cfg.prompt))
+        size = pixel_size((self.h, self.w))
+        embeddings = Embeddings(encode_prompt(pipe, self.source_prompt, size),
+                                encode_prompt(pipe, cfg.negative_prompt, size, negative=True),
+                                encode_prompt(pipe, cfg.prompt, size))
         self.editor = TokenFlowEditor(pipe.unet, self.schedule, embeddings, cfg.guidance, cfg.propagation,
                                       cfg.batch_size, settings.device, cfg.frame_batch, guide, correspondences,
                                       query_slice=cfg.keyframe_batch)

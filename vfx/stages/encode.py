@@ -13,6 +13,12 @@ from vfx.store import chunk_ranges, create_array, open_array
 
 FOLDER = "latents"
 ARRAY = "latents.zarr"
+VAE_FACTOR = 8  # pixels per latent along each side, in every SD family's VAE
+
+
+def pixel_size(latent_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(height, width) of the frames that latents of `latent_shape` (..., h, w) decode to."""
+    return VAE_FACTOR * latent_shape[-2], VAE_FACTOR * latent_shape[-1]
 
 
 def frames_to_tensor(frames: np.ndarray, device: torch.device) -> torch.Tensor:

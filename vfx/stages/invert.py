@@ -28,7 +28,7 @@ import torch
 
 from vfx import log
 from vfx.diffusion.ddim import Schedule
-from vfx.diffusion.text import encode_prompt
+from vfx.diffusion.text import Conditioning, encode_prompt
 from vfx.errors import BadInput
 from vfx.project import EMPTY_PROMPT
 from vfx.media import write_mp4
@@ -37,6 +37,7 @@ from vfx.driver import Stage, drive
 from vfx.settings import Settings
 from vfx.stage import Part, StageRun, upstream
 from vfx.stages.decode import decode_latents
+from vfx.stages.encode import pixel_size
 from vfx.store import chunk_ranges, create_array, open_array
 
 FOLDER = "inversion"
@@ -65,10 +66,10 @@ def inversion_plan(schedule: Schedule, steps: int, save_steps: int) -> tuple[lis
     return grid, saved
 
 
-def unet_eval(unet, latents: torch.Tensor, timestep: int, embedding: torch.Tensor) -> torch.Tensor:
-    """One UNet call for a batch of latents sharing one prompt embedding."""
-    context = embedding.expand(latents.shape[0], -1, -1)
-    return unet(latents.to(unet.dtype), timestep, encoder_hidden_states=context).sample.to(latents.dtype)
+def unet_eval(unet, latents: torch.Tensor, timestep: int, embedding: Conditioning) -> torch.Tensor:
+    """One UNet call for a batch of latents sharing one prompt's conditioning."""
+    condition = embedding.repeat(latents.shape[0]).unet_kwargs()
+    return unet(latents.to(unet.dtype), timestep, **condition).sample.to(latents.dtype)
 
 
 def move_up(schedule: Schedule, start: torch.Tensor, eps: torch.Tensor, current: int | None, target: int) -> torch.Tensor:
@@ -79,7 +80,7 @@ def move_up(schedule: Schedule, start: torch.Tensor, eps: torch.Tensor, current:
 
 
 @torch.no_grad()
-def invert_latents(unet, schedule: Schedule, latents: torch.Tensor, embedding: torch.Tensor, grid: list[int],
+def invert_latents(unet, schedule: Schedule, latents: torch.Tensor, embedding: Conditioning, grid: list[int],
                    save: set[int], bar: log.Bar | None = None, iterations: int = 0) -> dict[int, torch.Tensor]:
     """Invert up the ascending `grid`; return the latents at the `save` timesteps.
 
@@ -109,7 +110,7 @@ def invert_latents(unet, schedule: Schedule, latents: torch.Tensor, embedding: t
 
 
 @torch.no_grad()
-def denoise_latents(unet, schedule: Schedule, noisy: torch.Tensor, embedding: torch.Tensor, grid_desc: list[int],
+def denoise_latents(unet, schedule: Schedule, noisy: torch.Tensor, embedding: Conditioning, grid_desc: list[int],
                     bar: log.Bar | None = None) -> torch.Tensor:
     """Deterministic DDIM sampling (no guidance) down the descending grid."""
     x = noisy
@@ -167,7 +168,7 @@ class Invert(Stage):
         self.evaluations = len(self.grid) * max(1, self.iterations)  # per frame
         self.steps_per_unit = self.chunk * (self.evaluations + (len(self.denoising) if self.reconstruction else 0))
         self.pipe = self.settings.pipeline()
-        self.embedding = encode_prompt(self.pipe, self.prompt)
+        self.embedding = encode_prompt(self.pipe, self.prompt, pixel_size(self.latents.shape))
 
     def create(self) -> None:
         count, channels, h, w = self.latents.shape
