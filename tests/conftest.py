@@ -191,6 +191,24 @@ def tiny_pipe(model: str = "tiny"):
     return load_pipeline(resolve_model(model), torch.device("cpu"), torch.float32)
 
 
+def make_lora(folder: Path, seed: int = 0, model: str = "tiny") -> Path:
+    """LoRA layers with non-zero weights on the attention of `model`'s UNet, saved the way diffusers loads them."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = tiny_pipe(model).unet
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    pipeline = StableDiffusionXLPipeline if model == "tiny-xl" else StableDiffusionPipeline
+    pipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
 def make_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
     from vfx.media import write_mp4
 

@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from conftest import EDIT_STEPS as STEPS
-from conftest import assert_bad, edit_step, edited, inverted, invoke, textured, tiny_pipe
+from conftest import assert_bad, edit_step, edited, inverted, invoke, make_lora, textured, tiny_pipe
 from conftest import run_edit as edit_json
 from vfx import opticalflow as F
 from vfx.diffusion.controlnet import ControlGuide
@@ -300,22 +300,6 @@ def test_flow_correspondence_edit(project):
 
 
 # ---------------------------------------------------------------- LoRA
-
-
-def make_lora(folder: Path, seed: int = 0) -> Path:
-    """LoRA layers with non-zero weights on the tiny UNet's attention, saved the way diffusers loads them."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = tiny_pipe().unet
-    torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
-    return folder / "pytorch_lora_weights.safetensors"
 
 
 def test_lora_scale_zero_is_the_base_model(project, tmp_path):
