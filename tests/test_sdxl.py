@@ -62,10 +62,12 @@ def test_the_xl_vae_is_the_tiny_vae_in_rescaled_latents():
     image = torch.from_numpy(textured(64, seed=1)).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         mean_sd, mean_xl = sd.encode(image).latent_dist.mean, xl.encode(image).latent_dist.mean
-        # k x one float32 product: a few eps of the latents' scale (measured 2 eps).
+        # k x one float32 product: a few eps of the latents' scale (measured 0.8 eps).
         assert float((mean_xl - k * mean_sd).abs().max()) <= 16 * EPS32 * float(mean_xl.abs().max())
         decoded_sd, decoded_xl = sd.decode(mean_sd).sample, xl.decode(mean_xl).sample
-    assert float((decoded_xl - decoded_sd).abs().max()) <= 1e-4  # images in [-1, 1]; measured 6e-7
+    # The decoder's first convolution absorbs 1/k: rounding through the decoder, measured 3.5 eps of the
+    # images' unit scale; k = 64.
+    assert float((decoded_xl - decoded_sd).abs().max()) <= 64 * EPS32
     scaled = mean_xl * xl.config.scaling_factor
     assert 0.5 < float(scaled.std()) < 2.0
 
@@ -136,7 +138,7 @@ def test_static_video_edits_to_identical_frames(tmp_path):
     source = np.asarray(zarr.open_array(str(root / "latents" / "latents.zarr")))
     assert out.shape == (6, 4, 8, 8) and np.abs(out - source).max() > 1e-3
     # Batches of other compositions differ by float rounding only (as on the SD models; measured on
-    # tiny-xl: 20 eps of the latents' scale), k = 128.
+    # tiny-xl: 59 eps of the latents' scale), k = 128.
     rounding = 128 * EPS32 * np.abs(out).max()
     for frame in out[1:]:
         assert np.abs(frame - out[0]).max() <= rounding
