@@ -58,7 +58,7 @@ def worker(config: dict) -> dict:
     from vfx.stages.invert import invert
 
     frames = config["frames"]
-    s = settings(make_project(frames))
+    s = settings(make_project(frames, model=config.get("model", "tiny")))
     encode(s, 8)
     invert(s, STEPS, STEPS, "", 8, False)
     per_frame = unet_seconds_per_frame(s.pipeline(), 3 * FRAME_BATCH, 64)

@@ -239,6 +239,22 @@ def test_the_family_comes_from_the_config_never_the_name(tmp_path):
         assert model_family(ref) == ("sdxl" if variant == "tiny-xl" else "sd") and is_sdxl(pipe) == (variant == "tiny-xl")
 
 
+def test_a_single_file_is_told_by_its_tensor_names(tmp_path):
+    """SDXL's original layout keeps its second text encoder under conditioner.embedders.1 (SD 1.x:
+    cond_stage_model, SD 2.x: cond_stage_model.model); only the header is read."""
+    from safetensors.torch import save_file
+
+    from vfx.models import model_family, resolve_model
+
+    layouts = {"sd1": "cond_stage_model.transformer.text_model.final_layer_norm.bias",
+               "sd2": "cond_stage_model.model.ln_final.bias",
+               "sdxl": "conditioner.embedders.1.model.ln_final.bias"}
+    for name, text_key in layouts.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"model.diffusion_model.out.2.bias": torch.zeros(4), text_key: torch.zeros(4)}, str(path))
+        assert model_family(resolve_model(str(path))) == ("sdxl" if name == "sdxl" else "sd")
+
+
 def test_bad_sdxl_inputs(tmp_path):
     from vfx.models import controlnet_dir, resolve_model, tiny_model_dir
 
@@ -256,3 +272,9 @@ def test_bad_sdxl_inputs(tmp_path):
     assert "refiner" in assert_bad(invoke("edit", root, "--prompt", "x", "--steps", STEPS, "--name", "r",
                                           "--model", refiner))
     assert not (root / "edits" / "cn").exists() and not (root / "edits" / "r").exists()
+    photos = image_folder(tmp_path / "photos", [textured(64, seed=s) for s in range(2)])
+    for command in (("regularize", "--name", "c", "--class-prompt", "a photo of a dog"),
+                    ("train", "--name", "t", "--instance-dir", photos, "--instance-prompt", "a photo of sks dog"),
+                    ("sample", "--name", "t", "--prompt", "a photo of sks dog")):
+        assert "SDXL" in assert_bad(invoke(command[0], root, *command[1:]))
+    assert not (root / "dreambooth").exists()

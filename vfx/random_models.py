@@ -23,7 +23,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 ARCHS = {
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "512 px, epsilon prediction"),
     "sd21": ("stabilityai/stable-diffusion-2-1", "768 px, v-prediction"),
-    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "1024 px, two text encoders; for measurement: vfx stages do not run SDXL yet"),
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "1024 px, two text encoders"),
 }
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 CLIP_VOCAB = 49408

@@ -24,6 +24,18 @@ SizeOpt = Annotated[
 ]
 
 
+def training_settings(*args, **kwargs):
+    """`settings_for`, refusing an SDXL model: the DreamBooth trainer and sampler run SD 1.x/2.x models."""
+    from vfx.errors import BadInput
+    from vfx.models import model_family
+
+    settings = settings_for(*args, **kwargs)
+    if model_family(settings.model, settings.model_config) == "sdxl":
+        raise BadInput(f"{settings.model.spec} is an SDXL model: DreamBooth in vfx trains and samples SD 1.x/2.x "
+                       "models only (SDXL runs in the video stages)")
+    return settings
+
+
 @command(app, "regularize")
 def regularize_cmd(
     root: ProjectDir,
@@ -48,7 +60,7 @@ def regularize_cmd(
     """Make class-prior images with the base model into dreambooth/NAME/class/ (cached; sharded by image group)."""
     from vfx.dreambooth.regularize import regularize
 
-    settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
+    settings = training_settings(root, model, device, dtype, shard, force, allow_pickle, model_config)
     result = regularize(settings, name, class_prompt, num_images, steps=steps, guidance=guidance, seed=seed,
                         batch_size=batch_size, size=size, negative_prompt=negative_prompt)
     report(result, as_json)
@@ -107,7 +119,7 @@ def train_cmd(
     from vfx.dreambooth.config import TrainConfig
     from vfx.dreambooth.train import train
 
-    settings = settings_for(root, model, device, None, None, force, allow_pickle, model_config, shardable=False)
+    settings = training_settings(root, model, device, None, None, force, allow_pickle, model_config, shardable=False)
     cfg = TrainConfig(
         name=name, instance_dir=instance_dir, instance_prompt=instance_prompt, class_prompt=class_prompt,
         class_dir=class_dir, prior_loss_weight=prior_loss_weight, identifier=identifier, mode=mode, rank=rank,
@@ -162,7 +174,7 @@ def sample_cmd(
     from vfx.dreambooth.sample import read_prompts_file, sample
 
     prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
-    settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
+    settings = training_settings(root, model, device, dtype, shard, force, allow_pickle, model_config)
     result = sample(settings, name, prompts, num_images, steps=steps, guidance=guidance, seed=seed,
                     batch_size=batch_size, negative_prompt=negative_prompt, size=size, base=base, lora=lora,
                     lora_scale=lora_scale, model_given=model is not None)

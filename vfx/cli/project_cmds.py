@@ -200,14 +200,14 @@ def inspect_cmd(
 @command(model_app, "tiny")
 def model_tiny_cmd(
     out: Annotated[Path | None, typer.Argument(help="Write the model here (default: the cache, built once).", show_default=False)] = None,
-    variant: Annotated[str, typer.Option(help="tiny (SD 1.x-shaped, epsilon) or tiny-v (SD 2.x-shaped, v-prediction).")] = "tiny",
+    variant: Annotated[str, typer.Option(help="tiny (SD 1.x-shaped, epsilon), tiny-v (SD 2.x-shaped, v-prediction) or tiny-xl (SDXL-shaped).")] = "tiny",
     as_json: JsonOpt = False,
 ) -> None:
-    """Build the embedded tiny SD-shaped model (deterministic: identical bytes every time)."""
+    """Build an embedded tiny SD- or SDXL-shaped model (deterministic: identical bytes every time)."""
     from vfx.models import TINY_NAMES, build_tiny, tiny_model_dir
 
     if variant not in TINY_NAMES:
-        raise BadInput(f"unknown variant {variant!r}: use {' or '.join(TINY_NAMES)}")
+        raise BadInput(f"unknown variant {variant!r}: use {', '.join(TINY_NAMES)}")
     if out is None:
         folder = tiny_model_dir(variant)
     else:
@@ -219,7 +219,7 @@ def model_tiny_cmd(
 
 @command(model_app, "random")
 def model_random_cmd(
-    arch: Annotated[str, typer.Option("--arch", help="sd15 (SD 1.5), sd21 (SD 2.1, 768 px, v-prediction) or sdxl (SDXL base; for measurement: vfx stages do not run SDXL yet).", show_default=False)],
+    arch: Annotated[str, typer.Option("--arch", help="sd15 (SD 1.5), sd21 (SD 2.1, 768 px, v-prediction) or sdxl (SDXL base, 1024 px).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="The pipeline folder to write (refused if it exists, unless --force).", show_default=False)],
     dtype: Annotated[str, typer.Option("--dtype", help="fp16 | fp32: the saved weights' precision (fp16 halves the disk).")] = "fp16",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder at --out.")] = False,
