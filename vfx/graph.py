@@ -66,13 +66,14 @@ STAGES: dict[str, StageSpec] = {spec.stage: spec for spec in (
     StageSpec("extract", "frames", "vfx extract {dir} VIDEO", (
         Artifact("frames.zarr"), Artifact("audio.m4a", ignores=("size", "chunk_frames"))), unit="single"),
     StageSpec("encode", "latents", "vfx encode {dir}", (Artifact("latents.zarr"),), ("extract",)),
+    StageSpec("depth", "depth", "vfx depth {dir}", (Artifact("depth.zarr"),), ("extract",)),
     StageSpec("invert", "inversion", "vfx invert {dir}", (
         Artifact("trajectory.zarr", ignores=("reconstruction", "reconstruction_grid")),
         Artifact("reconstruction_latents.zarr"),
-        Artifact("reconstruction.zarr"), Artifact("reconstruction.mp4")), ("encode",)),
+        Artifact("reconstruction.zarr"), Artifact("reconstruction.mp4")), ("encode", "depth")),
     StageSpec("flow", "flow", "vfx flow {dir}", _FLOW, ("extract",), unit="pair"),
     StageSpec("edit", "edits/{name}", "vfx edit {dir} --name {name} --prompt ...",
-              (Artifact("latents.zarr"), Artifact("control.zarr")), ("invert", "flow", "extract", "encode"), unit="step"),
+              (Artifact("latents.zarr"), Artifact("control.zarr")), ("invert", "flow", "extract", "encode", "depth"), unit="step"),
     StageSpec("decode", "decoded/{name}", "vfx decode {dir} --edit {name}",
               (Artifact("frames.zarr"), Artifact("video.mp4")), ("encode", "edit", "extract"),
               default_name="source", default_command="vfx decode {dir}"),

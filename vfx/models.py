@@ -2,7 +2,9 @@
 
 `tiny` is SD 1.x-shaped (epsilon prediction, 4 heads, conv projections); `tiny-v` is SD 2.x-shaped
 (v-prediction, linear projections, per-block head counts); `tiny-xl` is SDXL-shaped (two text
-encoders, micro-conditioning, SDXL's block layout and VAE scaling). All are built deterministically from
+encoders, micro-conditioning, SDXL's block layout and VAE scaling); `tiny-depth` is shaped like
+`stable-diffusion-2-depth` (a 5-channel UNet: latents and a depth map, and a tiny DPT depth estimator
+of its own). All are built deterministically from
 a fixed seed, cached, and exercise the same code paths as the real checkpoints at toy cost.
 """
 
@@ -30,7 +32,7 @@ from vfx.fsutil import file_lock, replace_path
 # 5: a trained VAE (scripts/train_tiny_vae.py), so decoded frames look like the video.
 TINY_VERSION = 5
 TINY_VAE_ASSET = Path(__file__).parent / "assets" / "tiny_vae.safetensors"
-TINY_NAMES = ("tiny", "tiny-v", "tiny-xl")
+TINY_NAMES = ("tiny", "tiny-v", "tiny-xl", "tiny-depth")
 SDXL_SCALING_FACTOR = 0.13025
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -48,8 +50,13 @@ def build_tiny(folder: Path, variant: str = "tiny") -> Path:
 
     from vfx.portable import portable_pipeline
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" would land in a command's output
     folder = Path(folder)
-    pipe = tiny_xl_pipeline() if variant == "tiny-xl" else tiny_sd_pipeline(variant == "tiny-v")
+    builders = {"tiny": lambda: tiny_sd_pipeline(False), "tiny-v": lambda: tiny_sd_pipeline(True),
+                "tiny-xl": tiny_xl_pipeline, "tiny-depth": tiny_depth_pipeline}
+    pipe = builders[variant]()
     pipe.save_pretrained(folder)
     portable_pipeline(folder)
     torch.manual_seed(3)
@@ -93,33 +100,70 @@ def tiny_text_encoder(tokenizer, seed: int, activation: str, projection: bool = 
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
+def tiny_ddim_scheduler(prediction_type: str):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
 def tiny_sd_pipeline(sd2: bool):
     """SD 1.x-shaped (epsilon, quick-GELU CLIP) or, with `sd2`, SD 2.x-shaped (v-prediction, OpenCLIP-like)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     tokenizer = tiny_tokenizer("!" if sd2 else "<|endoftext|>")
     text_encoder = tiny_text_encoder(tokenizer, 0, "gelu" if sd2 else "quick_gelu")
     torch.manual_seed(1)
     unet = tiny_unet(sd2)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if sd2 else "epsilon",
-    )
     return StableDiffusionPipeline(
         vae=tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=tiny_ddim_scheduler("v_prediction" if sd2 else "epsilon"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_depth_pipeline():
+    """Shaped like stable-diffusion-2-depth: SD 2.x's text encoder and UNet layout, epsilon prediction,
+    a UNet reading 5 channels (the latents and the depth map), and a DPT depth estimator with its image
+    processor (a plain ViT DPT at toy width: the real one is DPT-Hybrid, whose backbone is a ResNet)."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    tokenizer = tiny_tokenizer("!")
+    text_encoder = tiny_text_encoder(tokenizer, 0, "gelu")
+    torch.manual_seed(1)
+    unet = tiny_unet(True, in_channels=5)
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+                       patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
+                       fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], head_in_index=-1,
+                       initializer_range=0.2)  # wide enough that the random head's output is not ~0
+    torch.manual_seed(4)
+    depth_estimator = DPTForDepthEstimation(config).eval()
+    return StableDiffusionDepth2ImgPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=tiny_ddim_scheduler("epsilon"),
+        depth_estimator=depth_estimator,
+        feature_extractor=dpt_image_processor(32),
+    )
+
+
+def dpt_image_processor_class():
+    """DPT's image processor: the PIL backend where transformers has one (its default needs torchvision)."""
+    import transformers
+
+    return getattr(transformers, "DPTImageProcessorPil", None) or transformers.DPTImageProcessor
+
+
+def dpt_image_processor(side: int):
+    return dpt_image_processor_class()(size={"height": side, "width": side}, keep_aspect_ratio=False)
 
 
 def tiny_xl_pipeline():
@@ -146,13 +190,13 @@ def tiny_xl_pipeline():
     )
 
 
-def tiny_unet(sd2: bool):
+def tiny_unet(sd2: bool, in_channels: int = 4):
     """SD's UNet block structure at toy width: 3 cross-attention down blocks + 1 plain, mirrored up."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=2,
         block_out_channels=(32, 64, 64, 64),
@@ -366,15 +410,27 @@ def resolve_model(spec: str | None, allow_pickle: bool = False) -> ModelRef:
     raise BadInput(f"unknown model {spec!r}: use 'tiny', a diffusers folder, a .safetensors file or a cached Hub id")
 
 
+def pipeline_folder(ref: ModelRef) -> Path | None:
+    """The diffusers folder a model loads from; None for a single-file checkpoint."""
+    if ref.is_tiny:
+        return tiny_model_dir(ref.location)
+    return Path(ref.location) if ref.kind in {"folder", "hub"} else None
+
+
 # ---------------------------------------------------------------- model families
 
 # The diffusers pipeline class of each family vfx runs.
-PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "depth": "StableDiffusionDepth2ImgPipeline"}
+DEPTH_CHANNELS = 5  # a depth-conditioned UNet reads the 4 latent channels and the depth map
 
 
 def family_of_unet(config: dict) -> str:
-    """'sdxl' for a UNet micro-conditioned on pooled text and time ids, 'sd' (1.x/2.x) otherwise."""
-    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+    """'sdxl' for a UNet micro-conditioned on pooled text and time ids, 'depth' for one that also reads
+    a depth map (stable-diffusion-2-depth), 'sd' (1.x/2.x) otherwise."""
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "depth" if config.get("in_channels") == DEPTH_CHANNELS else "sd"
 
 
 def family_of_checkpoint(path: Path) -> str:
@@ -384,7 +440,11 @@ def family_of_checkpoint(path: Path) -> str:
 
     with safe_open(str(path), framework="pt") as weights:
         keys = weights.keys()
-    return "sdxl" if any(key.startswith("conditioner.embedders.1.") for key in keys) else "sd"
+        first = "model.diffusion_model.input_blocks.0.0.weight"
+        in_channels = weights.get_slice(first).get_shape()[1] if first in keys else None
+    if any(key.startswith("conditioner.embedders.1.") for key in keys):
+        return "sdxl"
+    return "depth" if in_channels == DEPTH_CHANNELS else "sd"
 
 
 def model_family(ref: ModelRef, model_config: str | None = None) -> str:
@@ -395,7 +455,7 @@ def model_family(ref: ModelRef, model_config: str | None = None) -> str:
     if ref.kind == "single-file":
         folder = Path(model_config) if Path(model_config).is_dir() else cached_hub_folder(model_config, "--model-config")
     else:
-        folder = tiny_model_dir(ref.location) if ref.is_tiny else Path(ref.location)
+        folder = pipeline_folder(ref)
     try:
         return family_of_unet(json.loads((folder / "unet" / "config.json").read_text()))
     except (OSError, ValueError):
@@ -418,17 +478,20 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model
     diffusers_logging.disable_progress_bar()
     family = model_family(ref, model_config)
     pipeline_class = getattr(diffusers, PIPELINES[family])
+    extra = {"sd": {"safety_checker": None, "requires_safety_checker": False},
+             "depth": {"depth_estimator": None, "feature_extractor": None}}.get(family, {})  # (depth: `vfx depth`'s)
     if ref.is_tiny:
         if not _warned_tiny:
             log.note("using the embedded tiny model: its outputs are not meaningful images")
             _warned_tiny = True
-        pipe = pipeline_class.from_pretrained(tiny_model_dir(ref.location), local_files_only=True)
+        pipe = pipeline_class.from_pretrained(tiny_model_dir(ref.location), local_files_only=True, **extra)
     elif ref.kind in {"folder", "hub"}:
-        extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
         try:
             pipe = pipeline_class.from_pretrained(ref.location, local_files_only=True, **extra)
         except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a folder it cannot read
             raise BadInput(f"could not load the model at {ref.location}: {type(exc).__name__}: {exc}") from None
+    elif family == "depth":
+        raise BadInput(f"{Path(ref.location).name}: a depth model loads from a diffusers folder, not a single file")
     else:
         kwargs = {"local_files_only": True}
         if model_config:
@@ -455,7 +518,9 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model
 def native_size(ref: ModelRef) -> int | None:
     """The side a model was trained at (the UNet's sample size times the VAE's downsampling), read
     from its folder's configs; None for a single-file checkpoint, whose configs are inside the weights."""
-    folder = tiny_model_dir(ref.location) if ref.is_tiny else Path(ref.location)
+    folder = pipeline_folder(ref)
+    if folder is None:
+        return None
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())

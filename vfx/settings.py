@@ -63,6 +63,13 @@ class Settings:
         return cls(project, ref, resolved_device, resolved_dtype, shard_spec, force, model_config)
 
     @property
+    def family(self) -> str:
+        """sd | sdxl | depth, read from the model's configs (no weights loaded)."""
+        from vfx.models import model_family
+
+        return model_family(self.model, self.model_config)
+
+    @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
 

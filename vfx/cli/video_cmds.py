@@ -1,4 +1,4 @@
-"""The video stages: extract, encode, decode."""
+"""The video stages: extract, encode, depth, invert, edit, decode."""
 
 from __future__ import annotations
 
@@ -75,6 +75,27 @@ def encode_cmd(
 
     settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
     report(encode(settings, batch_size), as_json)
+
+
+@command(app, "depth")
+def depth_cmd(
+    root: ProjectDir,
+    depth_model: Annotated[str | None, typer.Option("--depth-model", help="A DPT depth model (transformers DPTForDepthEstimation folder with its preprocessor_config.json, or a cached Hub id such as Intel/dpt-hybrid-midas). Default: the model's own depth_estimator/.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Frames per depth-estimator call.")] = 4,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Estimate each frame's depth into depth/ ([N, 1, H/8, W/8] in [-1, 1]), for a depth-conditioned model (stable-diffusion-2-depth), which invert and edit then read."""
+    from vfx.stages.depth import compute_depth
+
+    settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
+    report(compute_depth(settings, depth_model, batch_size), as_json)
 
 
 @command(app, "decode")

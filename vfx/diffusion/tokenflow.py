@@ -25,6 +25,7 @@ from vfx.diffusion.attention import (Branches, Call, Neighbours, ProcessorContex
 from vfx.diffusion.controlnet import ControlGuide
 from vfx.diffusion.correspondence import FlowCorrespondences
 from vfx.diffusion.ddim import Schedule
+from vfx.diffusion.depth import with_depth
 from vfx.diffusion.text import Conditioning
 from vfx.store import chunk_ranges
 
@@ -96,6 +97,7 @@ class StepIO:
     read_source_frames: Callable[[list[int]], np.ndarray]
     write: Callable[[int, int, np.ndarray], None]
     read_control: Callable[[list[int]], np.ndarray] | None = None  # uint8 [m, H, W] edge maps of these frames
+    read_depth: Callable[[list[int]], np.ndarray] | None = None  # float32 [m, 1, h, w] depth maps (depth models)
 
 
 class TokenFlowEditor:
@@ -158,15 +160,19 @@ class TokenFlowEditor:
         self._installed = kind
 
     def _branches(self, source: torch.Tensor, latents: torch.Tensor, timestep: int, edges: np.ndarray | None, *,
-                  inject_attention: bool, inject_conv: bool, neighbours: Neighbours | None = None) -> torch.Tensor:
+                  inject_attention: bool, inject_conv: bool, neighbours: Neighbours | None = None,
+                  depth: np.ndarray | None = None) -> torch.Tensor:
         """One UNet call on [source | uncond | cond], described to the processors as such; returns the guided
         model output for `latents`. With a ControlNet, `edges` (the frames' edge maps) condition the uncond
-        and cond branches."""
+        and cond branches; a depth model reads the frames' `depth` maps in every branch."""
         m = latents.shape[0]
         if source.shape[0] != m:
             raise ValueError(f"{source.shape[0]} source frames for {m} frames")
         e = self.embeddings
-        x = torch.cat([source, latents, latents]).to(self.dtype)
+        x = torch.cat([source, latents, latents])
+        if depth is not None:
+            x = with_depth(x, self._tensor(depth).repeat(3, 1, 1, 1))
+        x = x.to(self.dtype)
         condition = Conditioning.cat([e.source.repeat(m), e.uncond.repeat(m), e.cond.repeat(m)])
         extra = self.control.residuals(x, timestep, condition, edges) if self.control is not None else {}
         self._context.call = Call(Branches(m), inject_attention, inject_conv, neighbours)
@@ -180,19 +186,24 @@ class TokenFlowEditor:
 
     @torch.no_grad()
     def plain_call(self, source: torch.Tensor, latents: torch.Tensor, timestep: int, edges: np.ndarray | None = None,
-                   *, inject_attention: bool = False, inject_conv: bool = False) -> torch.Tensor:
+                   *, inject_attention: bool = False, inject_conv: bool = False,
+                   depth: np.ndarray | None = None) -> torch.Tensor:
         """The guided model output of one UNet call with per-frame attention in every branch (the naive
         per-frame PnP baseline). Inside `hooked`, the per-frame processors stay on until it ends."""
         with self.hooked():
             self._install("frame")
             return self._branches(source, latents, timestep, edges, inject_attention=inject_attention,
-                                  inject_conv=inject_conv)
+                                  inject_conv=inject_conv, depth=depth)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, torch.float32)
 
     def _edges(self, io: StepIO, frames: list[int]) -> np.ndarray | None:
         return io.read_control(frames) if self.control is not None else None
+
+    @staticmethod
+    def _depth(io: StepIO, frames: list[int]) -> np.ndarray | None:
+        return io.read_depth(frames) if io.read_depth is not None else None
 
     def _neighbours(self, frames: list[int], keyframes: list[int]) -> Neighbours:
         if self.propagation == "distance":
@@ -256,14 +267,16 @@ class TokenFlowEditor:
         """The keyframes through the UNet with extended attention (filling the keyframe cache)."""
         latents = self._tensor(io.read_frames(keyframes))
         source = self._tensor(io.read_source_frames(keyframes))
-        return self._branches(source, latents, timestep, self._edges(io, keyframes), **inject)
+        return self._branches(source, latents, timestep, self._edges(io, keyframes), depth=self._depth(io, keyframes),
+                              **inject)
 
     def _propagate_batch(self, io: StepIO, batch: list[int], latents: torch.Tensor, source: torch.Tensor,
                          keyframes: list[int], timestep: int, inject: dict) -> torch.Tensor:
         """The guided outputs of the frames of `batch` (their latents and source latents given), with
         self-attention propagated from the keyframes."""
         plan = self._with_flow(self._neighbours(batch, keyframes), batch, keyframes, self._flow_maps(batch, keyframes))
-        return self._branches(source, latents, timestep, self._edges(io, batch), neighbours=plan, **inject)
+        return self._branches(source, latents, timestep, self._edges(io, batch), neighbours=plan,
+                              depth=self._depth(io, batch), **inject)
 
 
 class _ChunkRows:

@@ -92,15 +92,6 @@ def native_size(pipe) -> int:
 
 def native_resolution(settings) -> int:
     """The native side of the model `settings` names, read from its configs when it is a folder."""
-    from vfx.models import tiny_model_dir
+    from vfx import models
 
-    ref = settings.model
-    folder = tiny_model_dir(ref.location) if ref.is_tiny else Path(ref.location) if ref.kind in {"folder", "hub"} else None
-    if folder is not None:
-        try:
-            unet = json.loads((folder / "unet" / "config.json").read_text())
-            vae = json.loads((folder / "vae" / "config.json").read_text())
-            return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-        except (OSError, KeyError, ValueError):
-            pass
-    return native_size(settings.pipeline())
+    return models.native_size(settings.model) or native_size(settings.pipeline())

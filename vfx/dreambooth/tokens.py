@@ -67,12 +67,9 @@ def suggest_tokens(tokenizer, count: int = 10) -> list[Candidate]:
 
 def load_tokenizer(settings):
     """The tokenizer of the model `settings` names, read alone when the model is a folder."""
-    from pathlib import Path
+    from vfx.models import pipeline_folder
 
-    from vfx.models import tiny_model_dir
-
-    ref = settings.model
-    folder = tiny_model_dir(ref.location) if ref.is_tiny else Path(ref.location) if ref.kind in {"folder", "hub"} else None
+    folder = pipeline_folder(settings.model)
     if folder is not None and (folder / "tokenizer").is_dir():
         from transformers import CLIPTokenizer
 

@@ -37,6 +37,7 @@ from vfx.errors import BadInput, VfxError
 from vfx.models import load_controlnet, resolve_controlnet
 from vfx.settings import Settings
 from vfx.stage import DONE_DIR, Part, StageRun, parts_checksum, upstream
+from vfx.stages.depth import depth_input
 from vfx.stages.edit_config import EditConfig
 from vfx.stages.encode import pixel_size
 from vfx.store import chunk_ranges, create_array, open_array
@@ -115,6 +116,8 @@ class Edit(Stage):
         _, self.frames, self.channels, self.h, self.w = self.trajectory.shape
         self.chunk = self.trajectory.chunks[1]
         inputs = inversion.input()
+        depth_inputs, self.depth = depth_input(settings, self.frames, self.h, self.w)
+        inputs.update(depth_inputs)
         self.schedule = settings.schedule()
         self.timesteps = self.editing_timesteps()
         units = len(self.timesteps)
@@ -276,6 +279,7 @@ class Edit(Stage):
         source_index = self.saved.index(self.timesteps[step])
         trajectory = self.trajectory
         edges = open_array(self.folder / "control.zarr") if self.control is not None else None
+        depth = self.depth
         return StepIO(
             read=lambda s, e: read[s:e],
             read_frames=lambda idx: self.keyframe_latents(read, idx),
@@ -283,6 +287,7 @@ class Edit(Stage):
             read_source_frames=lambda idx: trajectory.oindex[source_index, np.asarray(idx)],
             write=lambda s, e, a: write.__setitem__(slice(s, e), a),
             read_control=(lambda idx: edges.oindex[np.asarray(idx)]) if edges is not None else None,
+            read_depth=(lambda idx: depth.oindex[np.asarray(idx)]) if depth is not None else None,
         )
 
     def keyframe_latents(self, buffer, keyframes: list[int]) -> np.ndarray:

@@ -28,6 +28,7 @@ import torch
 
 from vfx import log
 from vfx.diffusion.ddim import Schedule
+from vfx.diffusion.depth import with_depth
 from vfx.diffusion.text import Conditioning, encode_prompt
 from vfx.errors import BadInput
 from vfx.project import EMPTY_PROMPT
@@ -37,6 +38,7 @@ from vfx.driver import Stage, drive
 from vfx.settings import Settings
 from vfx.stage import Part, StageRun, upstream
 from vfx.stages.decode import decode_latents
+from vfx.stages.depth import depth_input
 from vfx.stages.encode import pixel_size
 from vfx.store import chunk_ranges, create_array, open_array
 
@@ -66,10 +68,12 @@ def inversion_plan(schedule: Schedule, steps: int, save_steps: int) -> tuple[lis
     return grid, saved
 
 
-def unet_eval(unet, latents: torch.Tensor, timestep: int, embedding: Conditioning) -> torch.Tensor:
-    """One UNet call for a batch of latents sharing one prompt's conditioning."""
+def unet_eval(unet, latents: torch.Tensor, timestep: int, embedding: Conditioning,
+              depth: torch.Tensor | None = None) -> torch.Tensor:
+    """One UNet call for a batch of latents sharing one prompt's conditioning (and, for a depth model,
+    reading their depth maps)."""
     condition = embedding.repeat(latents.shape[0]).unet_kwargs()
-    return unet(latents.to(unet.dtype), timestep, **condition).sample.to(latents.dtype)
+    return unet(with_depth(latents, depth).to(unet.dtype), timestep, **condition).sample.to(latents.dtype)
 
 
 def move_up(schedule: Schedule, start: torch.Tensor, eps: torch.Tensor, current: int | None, target: int) -> torch.Tensor:
@@ -81,7 +85,8 @@ def move_up(schedule: Schedule, start: torch.Tensor, eps: torch.Tensor, current:
 
 @torch.no_grad()
 def invert_latents(unet, schedule: Schedule, latents: torch.Tensor, embedding: Conditioning, grid: list[int],
-                   save: set[int], bar: log.Bar | None = None, iterations: int = 0) -> dict[int, torch.Tensor]:
+                   save: set[int], bar: log.Bar | None = None, iterations: int = 0,
+                   depth: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """Invert up the ascending `grid`; return the latents at the `save` timesteps.
 
     iterations 0: plain DDIM, one UNet call per step on the lower-noise latent. iterations k: k
@@ -97,10 +102,10 @@ def invert_latents(unet, schedule: Schedule, latents: torch.Tensor, embedding: C
             start = x
             for _ in range(iterations):
                 x = move_up(schedule, start, eps, current, timestep)
-                _, eps = schedule.split(unet_eval(unet, x, timestep, embedding), x, schedule.alpha(timestep))
+                _, eps = schedule.split(unet_eval(unet, x, timestep, embedding, depth), x, schedule.alpha(timestep))
             x = move_up(schedule, start, eps, current, timestep)
         else:
-            x = schedule.invert_step(unet_eval(unet, x, timestep, embedding), x, current, timestep)
+            x = schedule.invert_step(unet_eval(unet, x, timestep, embedding, depth), x, current, timestep)
         current = timestep
         if timestep in save:
             saved[timestep] = x.clone()
@@ -111,12 +116,12 @@ def invert_latents(unet, schedule: Schedule, latents: torch.Tensor, embedding: C
 
 @torch.no_grad()
 def denoise_latents(unet, schedule: Schedule, noisy: torch.Tensor, embedding: Conditioning, grid_desc: list[int],
-                    bar: log.Bar | None = None) -> torch.Tensor:
+                    bar: log.Bar | None = None, depth: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic DDIM sampling (no guidance) down the descending grid."""
     x = noisy
     for index, timestep in enumerate(grid_desc):
         prev = grid_desc[index + 1] if index + 1 < len(grid_desc) else None
-        x = schedule.denoise_step(unet_eval(unet, x, timestep, embedding), x, timestep, prev)
+        x = schedule.denoise_step(unet_eval(unet, x, timestep, embedding, depth), x, timestep, prev)
         if bar is not None:
             bar.advance(len(noisy))
     return x
@@ -148,6 +153,8 @@ class Invert(Stage):
         self.prompt = settings.project.get("prompt", prompt) or ""
         self.latents = open_array(settings.folder("latents", "latents.zarr"))
         self.chunk = self.latents.chunks[0]
+        count, _, h, w = self.latents.shape
+        inputs, self.depth = depth_input(settings, count, h, w)
         self.ranges = chunk_ranges(self.latents.shape[0], self.chunk)
         params = {
             "model": settings.model.identity, "dtype": settings.dtype_name, "prompt": self.prompt, "steps": steps,
@@ -155,7 +162,7 @@ class Invert(Stage):
         }
         if method != "ddim":  # recorded only when not plain DDIM, so earlier trajectories stay valid
             params.update(method=method, iterations=self.iterations, steps=self.steps)
-        self.run = StageRun(settings.folder(FOLDER), "invert", params, source.input(), len(self.ranges),
+        self.run = StageRun(settings.folder(FOLDER), "invert", params, {**source.input(), **inputs}, len(self.ranges),
                             force=settings.force, shard=settings.shard)
 
     def prepare(self) -> None:
@@ -195,15 +202,16 @@ class Invert(Stage):
         for sub in range(start, end, self.batch_size):
             stop = min(sub + self.batch_size, end)
             x0 = torch.from_numpy(np.asarray(self.latents[sub:stop])).to(self.settings.device, torch.float32)
+            depth = None if self.depth is None else torch.from_numpy(np.asarray(self.depth[sub:stop]))
             bar.phase("inverting")
             states = invert_latents(unet, self.schedule, x0, self.embedding, self.grid, set(self.saved), bar,
-                                    self.iterations)
+                                    self.iterations, depth)
             for index, timestep in enumerate(self.saved):
                 trajectory[index, sub:stop] = states[timestep].cpu().numpy()
             if self.reconstruction:
                 bar.phase("reconstructing")
                 clean = denoise_latents(unet, self.schedule, states[self.denoising[0]], self.embedding, self.denoising,
-                                        bar)
+                                        bar, depth)
                 clean_np = clean.float().cpu().numpy()
                 open_array(path / "reconstruction_latents.zarr", mode="r+")[sub:stop] = clean_np
                 open_array(path / "reconstruction.zarr", mode="r+")[sub:stop] = decode_latents(
