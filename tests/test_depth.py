@@ -22,6 +22,7 @@ from conftest import (
 )
 
 EPS32 = float(np.finfo(np.float32).eps)
+OPTIONS = ("--prompt", "a red robot", "--steps", "2")
 
 
 def pan(count: int, seed: int, size: int = 64) -> list[np.ndarray]:
@@ -221,3 +222,13 @@ def test_killed_depth_and_edit_resume_to_identical_bytes_and_shards_equal_one_pr
     result = json.loads(invoke("edit", root, "--prompt", "a red robot", "--steps", "10", "--name", "k", "--json").stdout)
     assert result["computed_steps"] == 10 - finished
     assert edited(root, "k").tobytes() == edited(clean, "k").tobytes()
+
+
+def test_run_estimates_depth_for_a_depth_model(tmp_path, gen_video):
+    root = tmp_path / "p"
+    ok("run", root, gen_video, *OPTIONS, "--size", "32x32", "--max-frames", "4", "--model", "tiny-depth")
+    record = json.loads((root / "inversion" / "stage.json").read_text())
+    assert "depth/depth.zarr" in record["inputs"] and (root / "report" / "index.html").is_file()
+    depth_record = (root / "depth" / "stage.json").read_bytes()
+    ok("run", root, *OPTIONS)  # up to date: nothing recomputed
+    assert (root / "depth" / "stage.json").read_bytes() == depth_record

@@ -407,7 +407,8 @@ def resolve_model(spec: str | None, allow_pickle: bool = False) -> ModelRef:
         if not allow_pickle:
             refuse_pickled_weights(Path(local))
         return ModelRef(spec, "hub", str(local), f"hub:{spec}:{Path(local).name}")
-    raise BadInput(f"unknown model {spec!r}: use 'tiny', a diffusers folder, a .safetensors file or a cached Hub id")
+    raise BadInput(f"unknown model {spec!r}: use {', '.join(TINY_NAMES)}, a diffusers folder, a .safetensors file or a "
+                   "cached Hub id")
 
 
 def pipeline_folder(ref: ModelRef) -> Path | None:

@@ -26,7 +26,7 @@ ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model",
-        help="Model: 'tiny' (embedded), 'tiny-v', 'tiny-xl', a diffusers folder (SD 1.x/2.x or SDXL, told by its config), a .safetensors file or a cached Hub id. "
+        help="Model: 'tiny' (embedded), 'tiny-v', 'tiny-xl', 'tiny-depth', a diffusers folder (SD 1.x/2.x, SDXL or SD 2 depth, told by its config), a .safetensors file or a cached Hub id. "
         "Default: the project's vfx.toml.",
         show_default=False,
     ),

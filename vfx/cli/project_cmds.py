@@ -200,7 +200,7 @@ def inspect_cmd(
 @command(model_app, "tiny")
 def model_tiny_cmd(
     out: Annotated[Path | None, typer.Argument(help="Write the model here (default: the cache, built once).", show_default=False)] = None,
-    variant: Annotated[str, typer.Option(help="tiny (SD 1.x-shaped, epsilon), tiny-v (SD 2.x-shaped, v-prediction) or tiny-xl (SDXL-shaped).")] = "tiny",
+    variant: Annotated[str, typer.Option(help="tiny (SD 1.x-shaped, epsilon), tiny-v (SD 2.x-shaped, v-prediction), tiny-xl (SDXL-shaped) or tiny-depth (SD 2 depth-shaped).")] = "tiny",
     as_json: JsonOpt = False,
 ) -> None:
     """Build an embedded tiny SD- or SDXL-shaped model (deterministic: identical bytes every time)."""

@@ -16,8 +16,10 @@ RunStage = tuple[str, list[str]]
 
 
 def stage_commands(root: str, name: str, prompt: str, video: str | None, steps: int | None,
-                   source_prompt: str | None, model_flags: list[str], seed: int | None) -> list[RunStage]:
-    """The command line (after `vfx`) of each stage `vfx run` drives, in order."""
+                   source_prompt: str | None, model_flags: list[str], seed: int | None,
+                   depth: bool = False) -> list[RunStage]:
+    """The command line (after `vfx`) of each stage `vfx run` drives, in order (`depth`: the model reads
+    depth maps, so `vfx depth` runs before the inversion)."""
     schedule = ["--steps", str(steps)] if steps is not None else []
     invert = ["invert", root, *model_flags]
     invert += (["--save-steps", str(steps)] if steps is not None else [])
@@ -28,6 +30,7 @@ def stage_commands(root: str, name: str, prompt: str, video: str | None, steps: 
         ("extract", ["extract", root, *([video] if video else [])]),
         ("encode", ["encode", root, *model_flags]),
         ("decode", ["decode", root, *model_flags]),  # the VAE's round trip: the report's baseline
+        *([("depth", ["depth", root, *model_flags])] if depth else []),
         ("invert", invert),
         ("flow", ["flow", root]),
         ("edit", edit),
@@ -43,6 +46,16 @@ def run_command_line(argv: list[str]) -> None:
     code = typer.main.get_command(app).main(args=argv, prog_name="vfx", standalone_mode=False)
     if code not in (None, 0):
         raise typer.Exit(code)
+
+
+def reads_depth(root: Path, model: str | None) -> bool:
+    """Whether the run's model (--model, else the project's) is a depth model."""
+    from vfx.models import model_family, resolve_model
+    from vfx.project import CONFIG_NAME, Project
+
+    if model is None and (root / CONFIG_NAME).is_file():
+        model = Project.open(root).config.get("model")
+    return model_family(resolve_model(model)) == "depth"
 
 
 def check_options_early(video: Path | None, model: str | None, device: str | None, dtype: str | None,
@@ -81,7 +94,7 @@ def run_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
-    """Edit a clip with one command: extract → encode → decode → invert → flow → edit → decode → eval → report.
+    """Edit a clip with one command: extract → encode → decode → invert → flow → edit → decode → eval → report (and depth before invert for a depth model).
 
     Each is the ordinary stage, with the project's vfx.toml defaults: a rerun after a crash continues
     where it stopped, and a changed option recomputes only the stages it affects. DIR is initialised
@@ -103,7 +116,7 @@ def run_cmd(
     model_flags = [flag for option, value in (("--model", model), ("--device", device), ("--dtype", dtype))
                    if value is not None for flag in (option, value)]
     commands = stage_commands(str(root), name, prompt, str(video) if video else None, steps, source_prompt,
-                              model_flags, seed)
+                              model_flags, seed, reads_depth(root, model))
     for option, value in (("--size", size), ("--max-frames", max_frames)):  # like any flag: for this run
         commands[0][1].extend([option, str(value)] if value is not None else [])
     if not (root / CONFIG_NAME).is_file():
