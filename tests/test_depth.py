@@ -232,3 +232,14 @@ def test_run_estimates_depth_for_a_depth_model(tmp_path, gen_video):
     depth_record = (root / "depth" / "stage.json").read_bytes()
     ok("run", root, *OPTIONS)  # up to date: nothing recomputed
     assert (root / "depth" / "stage.json").read_bytes() == depth_record
+
+
+def test_dreambooth_refuses_a_depth_model(tmp_path):
+    root = tmp_path / "db"
+    ok("init", root, "--model", "tiny-depth")
+    photos = image_folder(tmp_path / "photos", [textured(64, seed=s) for s in range(2)])
+    for command in (("regularize", "--name", "c", "--class-prompt", "a photo of a dog"),
+                    ("train", "--name", "t", "--instance-dir", photos, "--instance-prompt", "a photo of sks dog"),
+                    ("sample", "--name", "t", "--prompt", "a photo of sks dog")):
+        assert_bad(invoke(command[0], root, *command[1:]), "depth model")
+    assert not (root / "dreambooth").exists()

@@ -160,7 +160,7 @@ def test_full_weights_load_with_from_pretrained_and_match_training(db):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from vfx.dreambooth.data import ImageSet, list_images, read_images
-    from vfx.dreambooth.encoding import Conditioning, Latents
+    from vfx.dreambooth.encoding import Latents, PromptConditioning
     from vfx.dreambooth.tracking import eval_loss, eval_set
 
     root, photos, _ = db
@@ -173,8 +173,8 @@ def test_full_weights_load_with_from_pretrained_and_match_training(db):
         assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), original.parameters()))
     images = ImageSet.from_arrays(read_images(list_images(photos, "instance")), 64)
     fixed = eval_set(Latents(images, pipe.vae), 4, 0, 1000)
-    cond = Conditioning(pipe.text_encoder, pipe.tokenizer, [PROMPT], trained=False)
-    value = eval_loss(pipe.unet, cond, pipe.text_encoder, DDPMScheduler.from_config(pipe.scheduler.config), fixed)
+    cond = PromptConditioning([pipe.text_encoder], [pipe.tokenizer], [PROMPT], trained=False)
+    value = eval_loss(pipe.unet, cond, [pipe.text_encoder], DDPMScheduler.from_config(pipe.scheduler.config), fixed)
     # The same weights and fixed (noise, timestep) pairs in float32: the same computation (measured: exactly
     # equal); k = 4 eps32 of the loss allows its mean to be summed in another order.
     assert value == pytest.approx(eval_lines(root, "full")[-1]["eval_instance_loss"],

@@ -272,9 +272,3 @@ def test_bad_sdxl_inputs(tmp_path):
     assert "refiner" in assert_bad(invoke("edit", root, "--prompt", "x", "--steps", STEPS, "--name", "r",
                                           "--model", refiner))
     assert not (root / "edits" / "cn").exists() and not (root / "edits" / "r").exists()
-    photos = image_folder(tmp_path / "photos", [textured(64, seed=s) for s in range(2)])
-    for command in (("regularize", "--name", "c", "--class-prompt", "a photo of a dog"),
-                    ("train", "--name", "t", "--instance-dir", photos, "--instance-prompt", "a photo of sks dog"),
-                    ("sample", "--name", "t", "--prompt", "a photo of sks dog")):
-        assert "SDXL" in assert_bad(invoke(command[0], root, *command[1:]))
-    assert not (root / "dreambooth").exists()

@@ -1,5 +1,5 @@
-"""Stable Diffusion 1.x/2.x weights renamed from diffusers' layout to the original (LDM/CompVis) one: the
-single-file `.safetensors` layout that A1111, ComfyUI, kohya and `from_single_file` read.
+"""Stable Diffusion 1.x/2.x and SDXL weights renamed from diffusers' layout to the original (LDM/CompVis)
+one: the single-file `.safetensors` layout that A1111, ComfyUI, kohya and `from_single_file` read.
 
 diffusers ships only the opposite direction in its library (its loaders read LDM files), so this map
 is written by hand from the two layouts' module structure; `vfx export --format checkpoint` is
@@ -24,6 +24,8 @@ def unet_prefixes(config: dict) -> list[tuple[str, str]]:
              ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
              ("mid_block.attentions.0.", "middle_block.1.")]
     pairs += [(f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.") for j in range(2)]
+    if config.get("addition_embed_type") == "text_time":  # SDXL's pooled-text-and-size embedding
+        pairs += [("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2.")]
     for i, kind in enumerate(config["down_block_types"]):
         for j in range(n):
             row = 1 + i * (n + 1) + j
@@ -90,20 +92,26 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
     return out
 
 
-def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 1.x's CLIP text encoder: the transformers 4.x names under `cond_stage_model.transformer.`."""
+CLIP = "cond_stage_model.transformer."
+SDXL_CLIP, SDXL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+
+
+def text_encoder_to_ldm(state: dict[str, torch.Tensor], prefix: str = CLIP) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder (SD 1.x's; SDXL's first under SDXL_CLIP): the transformers 4.x names under `prefix`."""
     from vfx.portable import text_encoder_keys
 
     renamed = text_encoder_keys(state)
-    return {"cond_stage_model.transformer." + renamed[k]: v for k, v in state.items()}
+    return {prefix + renamed[k]: v for k, v in state.items()}
 
 
 OPEN_CLIP = "cond_stage_model.model."
 
 
-def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 2.x's OpenCLIP text encoder in its original layout (`cond_stage_model.model.…`), by diffusers'
-    own OpenCLIP name table read backwards; q/k/v join into one `in_proj` as OpenCLIP stores them."""
+def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str = OPEN_CLIP) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text encoder in its original layout (SD 2.x's under `cond_stage_model.model.`, SDXL's
+    second under SDXL_OPEN_CLIP), by diffusers' own OpenCLIP name table read backwards; q/k/v join into
+    one `in_proj` as OpenCLIP stores them, and the projection is OpenCLIP's [width, dim] matrix, the
+    transpose of the linear layer's weight."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
     from vfx.portable import text_encoder_keys
@@ -111,7 +119,8 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     table = DIFFUSERS_TO_LDM_MAPPING["openclip"]
     renamed = text_encoder_keys(state)
     state = {renamed[k]: v for k, v in state.items()}
-    out = {OPEN_CLIP + ldm: state[key] for key, ldm in table["layers"].items() if key in state}
+    out = {prefix + ldm: state[key].T if ldm == "text_projection" else state[key]
+           for key, ldm in table["layers"].items() if key in state}
     joined: dict[str, list] = {}
     for key, value in state.items():
         if not key.startswith("text_model.encoder.layers."):
@@ -122,6 +131,6 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if block.endswith((".q_proj", ".k_proj", ".v_proj")):
             joined.setdefault(f"{block[:-7]}.in_proj_{kind}", [None] * 3)["qkv".index(block[-6])] = value
         else:
-            out[OPEN_CLIP + "transformer." + key] = value
-    out.update({OPEN_CLIP + "transformer." + k: torch.cat(parts) for k, parts in joined.items()})
+            out[prefix + "transformer." + key] = value
+    out.update({prefix + "transformer." + k: torch.cat(parts) for k, parts in joined.items()})
     return out

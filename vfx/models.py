@@ -79,19 +79,19 @@ def tiny_tokenizer(pad_token: str):
                              pad_token=pad_token, model_max_length=77)
 
 
-def tiny_text_encoder(tokenizer, seed: int, activation: str, projection: bool = False):
-    """A 2-layer CLIP text encoder of width 32 (`projection`: with the projected pooled output, as SDXL's second)."""
+def tiny_text_encoder(tokenizer, seed: int, activation: str, projection: bool = False, width: int = 32):
+    """A 2-layer CLIP text encoder (`projection`: with the projected pooled output, as SDXL's second)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer.get_vocab()),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
         hidden_act=activation,
-        projection_dim=32,
+        projection_dim=width,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -173,9 +173,10 @@ def tiny_xl_pipeline():
 
     tokenizer, tokenizer_2 = tiny_tokenizer("<|endoftext|>"), tiny_tokenizer("!")
     text_encoder = tiny_text_encoder(tokenizer, 0, "quick_gelu")
-    text_encoder_2 = tiny_text_encoder(tokenizer_2, 2, "gelu", projection=True)
+    # Wider than the first, as SDXL's (1280 against 768): single-file loaders tell the two apart by width.
+    text_encoder_2 = tiny_text_encoder(tokenizer_2, 2, "gelu", projection=True, width=48)
     torch.manual_seed(1)
-    unet = tiny_xl_unet(cross_attention_dim=2 * 32, pooled_dim=32)
+    unet = tiny_xl_unet(cross_attention_dim=32 + 48, pooled_dim=48)
     config = json.loads((Path(__file__).parent / "configs" / "sdxl" / "scheduler" / "scheduler_config.json").read_text())
     return StableDiffusionXLPipeline(
         vae=tiny_vae(SDXL_SCALING_FACTOR),

@@ -55,7 +55,11 @@ class Conditioning:
 
 def is_sdxl(pipe) -> bool:
     """SDXL is told by its UNet's config (text and time micro-conditioning), never by a model's name."""
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    return is_sdxl_unet(pipe.unet)
+
+
+def is_sdxl_unet(unet) -> bool:
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 def token_count(tokenizer, prompt: str) -> int:
@@ -83,20 +87,38 @@ def native_pixel_size(pipe) -> tuple[int, int]:
     return side, side
 
 
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders, in order (SDXL: two)."""
+    return [pipe.text_encoder, pipe.text_encoder_2] if is_sdxl(pipe) else [pipe.text_encoder]
+
+
+def tokenizers(pipe) -> list:
+    return [pipe.tokenizer, pipe.tokenizer_2] if is_sdxl(pipe) else [pipe.tokenizer]
+
+
+def encode_tokens(encoders: list, ids: list[torch.Tensor]) -> Conditioning:
+    """Conditioning (no time ids) of token ids [B, 77], one tensor per encoder. One encoder: its last
+    hidden states (SD 1.x/2.x). Two (SDXL): both encoders' penultimate hidden states, concatenated, and
+    the second's projected pooled output."""
+    if len(encoders) == 1:
+        return Conditioning(encoders[0](ids[0].to(encoders[0].device))[0])
+    hidden, pooled = [], None
+    for encoder, tokens in zip(encoders, ids):
+        out = encoder(tokens.to(encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the second encoder's text_embeds
+    return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+
 @torch.no_grad()
 def encode_prompt(pipe, prompt: str, size: tuple[int, int] | None = None, negative: bool = False) -> Conditioning:
     """One row of conditioning for `prompt`. `size` is the pixel size (h, w) of the frames (SDXL's micro-
     conditioning; default: the model's native size). With `negative`, an empty prompt gives zeros where
     the SDXL pipeline's `force_zeros_for_empty_prompt` says so: its guidance without a negative prompt."""
+    encoded = encode_tokens(text_encoders(pipe), [_token_ids(t, prompt) for t in tokenizers(pipe)])
     if not is_sdxl(pipe):
-        encoder = pipe.text_encoder
-        return Conditioning(encoder(_token_ids(pipe.tokenizer, prompt).to(encoder.device))[0])
-    hidden, pooled = [], None
-    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        out = encoder(_token_ids(tokenizer, prompt).to(encoder.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]  # the second encoder's projected pooled output (text_embeds)
-    hidden, dtype = torch.cat(hidden, dim=-1), pipe.unet.dtype
+        return encoded
+    hidden, pooled, dtype = encoded.hidden, encoded.pooled, pipe.unet.dtype
     if negative and not prompt and pipe.config.get("force_zeros_for_empty_prompt", False):
         hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
     time_ids = micro_conditioning(size or native_pixel_size(pipe), dtype=dtype, device=hidden.device)

@@ -3,7 +3,7 @@
 checkpoints/step-XXXXXX/
   state.json               step, base model identity, training options, data order, LR scheduler,
                            gradient scaler, optimizer hyper-parameters, number of processes
-  trainable.safetensors    the trained parameters ("unet.<name>", "text_encoder.<name>")
+  trainable.safetensors    the trained parameters ("unet.<name>", "text_encoder.<name>", "text_encoder_2.<name>")
   optimizer.safetensors    the optimizer's per-parameter tensors ("<index>.<name>", e.g. "3.exp_avg", or
                            "3.__bnb_optimizer_quant_state__.state1" for 8-bit AdamW's quantised moments)
   rng-<rank>.safetensors   per process: torch CPU/CUDA RNG, the training generator, numpy's MT state

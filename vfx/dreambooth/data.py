@@ -91,16 +91,19 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class ImageSet:
-    """Images scaled to the training resolution's short side, cropped square per example."""
+    """Images scaled to the training resolution's short side, cropped square per example; `sizes` are
+    their (height, width) before scaling."""
 
     images: list[np.ndarray]
     resolution: int
     random_crop: bool = False
     flip: bool = False
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def from_arrays(cls, arrays: list[np.ndarray], resolution: int, random_crop: bool = False, flip: bool = False):
-        return cls([fit_short_side(a, resolution) for a in arrays], resolution, random_crop, flip)
+        return cls([fit_short_side(a, resolution) for a in arrays], resolution, random_crop, flip,
+                   [(int(a.shape[0]), int(a.shape[1])) for a in arrays])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -112,16 +115,24 @@ class ImageSet:
 
     def pixels(self, index: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """[3, r, r] in [-1, 1]: centre or random crop, then a coin-flip mirror when flipping is on."""
+        return self.draw(index, generator)[0]
+
+    def draw(self, index: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """`pixels`, and the crop's top-left in the scaled image as the example shows it (mirrored with it)."""
+        image, r = self.images[index], self.resolution
         if not self.random_crop:
-            x = self.centre(index)
+            (top, left), x = self.centre_crop(index), self.centre(index)
         else:
-            image, r = self.images[index], self.resolution
             top = int(torch.randint(0, image.shape[0] - r + 1, (1,), generator=generator))
             left = int(torch.randint(0, image.shape[1] - r + 1, (1,), generator=generator))
             x = to_tensor(image[top : top + r, left : left + r])
         if self.flip and bool(torch.rand((), generator=generator) < 0.5):
-            x = x.flip(-1)
-        return x
+            x, left = x.flip(-1), image.shape[1] - r - left
+        return x, (top, left)
+
+    def centre_crop(self, index: int) -> tuple[int, int]:
+        height, width = self.images[index].shape[:2]
+        return (height - self.resolution) // 2, (width - self.resolution) // 2
 
     def fixed_pixels(self) -> torch.Tensor:
         """[n, 3, r, r]: every image's centre crop."""
@@ -129,10 +140,8 @@ class ImageSet:
 
     def centre(self, index: int) -> torch.Tensor:
         """[3, r, r]: the centre crop, never mirrored (for caching and evaluation)."""
-        image = self.images[index]
-        height, width = image.shape[:2]
-        top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
-        return to_tensor(image[top : top + self.resolution, left : left + self.resolution])
+        top, left = self.centre_crop(index)
+        return to_tensor(self.images[index][top : top + self.resolution, left : left + self.resolution])
 
 
 # ---------------------------------------------------------------- example order

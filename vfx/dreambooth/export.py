@@ -2,10 +2,10 @@
 
 - `diffusers`: the LoRA file, or the full pipeline folder, as `vfx train` made them (both load under
   transformers 4.x and 5.x, with diffusers >= 0.30).
-- `kohya`: a LoRA as one `.safetensors` in kohya's layout (`lora_unet_…`, `lora_te_…`, `.alpha`,
-  `ss_*` metadata): what A1111, ComfyUI and kohya's scripts load. Converted with diffusers'
-  `convert_state_dict_to_kohya`.
-- `checkpoint`: a full fine-tune (SD 1.x or 2.x) as one original-layout (LDM) `.safetensors`, for
+- `kohya`: a LoRA as one `.safetensors` in kohya's layout (`lora_unet_…`, `lora_te_…` — SDXL:
+  `lora_te1_…`, `lora_te2_…` — `.alpha`, `ss_*` metadata): what A1111, ComfyUI and kohya's scripts
+  load. Converted with diffusers' `convert_state_dict_to_kohya`.
+- `checkpoint`: a full fine-tune (SD 1.x, 2.x or SDXL) as one original-layout (LDM) `.safetensors`, for
   `from_single_file(..., config=BASE)`, A1111 and ComfyUI. The key map is vfx's own (vfx.ldm_layout):
   diffusers' library converts only the other way.
 
@@ -77,8 +77,10 @@ def write_kohya(weights: TrainedWeights, target: Path, name: str) -> None:
     from safetensors.torch import load_file, save_file
 
     info = json.loads((weights.folder / INFO_FILE).read_text())
-    state = kohya_layers(load_file(str(weights.lora)), has_second_text_encoder=False)
-    save_file(state, str(target), metadata=kohya_metadata(info, name, v2=is_v2(weights)))
+    sdxl = base_family(weights) == "sdxl"
+    state = kohya_layers(load_file(str(weights.lora)), has_second_text_encoder=sdxl)
+    version = "sdxl_base_v1-0" if sdxl else "sd_v2" if is_v2(weights) else "sd_v1"
+    save_file(state, str(target), metadata=kohya_metadata(info, name, version))
 
 
 def kohya_layers(state: dict, has_second_text_encoder: bool) -> dict:
@@ -87,9 +89,10 @@ def kohya_layers(state: dict, has_second_text_encoder: bool) -> dict:
     from diffusers.utils import convert_state_dict_to_kohya, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
     peft = {f"unet.{k}": v for k, v in convert_unet_state_dict_to_peft(part(state, "unet.")).items()}
-    text = part(state, "text_encoder.")
-    if text:
-        peft.update({f"text_encoder.{k}": v for k, v in convert_state_dict_to_peft(text).items()})
+    for encoder in ("text_encoder", "text_encoder_2"):
+        text = part(state, f"{encoder}.")
+        if text:
+            peft.update({f"{encoder}.{k}": v for k, v in convert_state_dict_to_peft(text).items()})
     kohya = convert_state_dict_to_kohya(peft)
     if not has_second_text_encoder:  # SD 1.x/2.x: kohya names the one text encoder `lora_te`
         kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
@@ -100,13 +103,14 @@ def part(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def kohya_metadata(info: dict, name: str, v2: bool) -> dict[str, str]:
-    """The `ss_*` fields kohya's scripts write and A1111/ComfyUI show (every value a string)."""
+def kohya_metadata(info: dict, name: str, version: str) -> dict[str, str]:
+    """The `ss_*` fields kohya's scripts write and A1111/ComfyUI show (every value a string); `version`
+    is kohya's base model version (sd_v1, sd_v2, sdxl_base_v1-0)."""
     rank = str(info.get("rank"))
     return {
         "ss_network_module": "networks.lora", "ss_network_dim": rank,
         "ss_network_alpha": rank,  # the trained alpha/rank is folded into the up weights
-        "ss_base_model_version": "sd_v2" if v2 else "sd_v1", "ss_v2": str(v2),
+        "ss_base_model_version": version, "ss_v2": str(version == "sd_v2"),
         "ss_sd_model_name": str(info.get("base_model_spec")), "ss_output_name": name,
         "ss_steps": str(info.get("steps")), "ss_resolution": f"({info.get('resolution')}, {info.get('resolution')})",
         "ss_training_comment": f"vfx DreamBooth: {info.get('instance_prompt')}",
@@ -114,27 +118,40 @@ def kohya_metadata(info: dict, name: str, v2: bool) -> dict[str, str]:
     }
 
 
+def model_folder(weights: TrainedWeights) -> Path:
+    """The pipeline folder of the run's architecture: its own (full) or its base model's (LoRA)."""
+    from vfx.models import pipeline_folder, resolve_model
+
+    return weights.folder if weights.mode == "full" else pipeline_folder(resolve_model(weights.base_spec))
+
+
+def base_family(weights: TrainedWeights) -> str:
+    from vfx.models import family_of_unet
+
+    return family_of_unet(config(model_folder(weights) / "unet"))
+
+
 def is_v2(weights: TrainedWeights) -> bool:
     """SD 2.x uses OpenCLIP (gelu); SD 1.x uses OpenAI CLIP (quick_gelu)."""
-    from vfx.models import resolve_model, tiny_model_dir
-
-    ref = resolve_model(weights.base_spec)
-    folder = weights.folder if weights.mode == "full" else (
-        tiny_model_dir(ref.location) if ref.is_tiny else Path(ref.location))
-    config = folder / "text_encoder" / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("hidden_act") == "gelu"
+    path = model_folder(weights) / "text_encoder" / "config.json"
+    return path.is_file() and json.loads(path.read_text()).get("hidden_act") == "gelu"
 
 
 def write_checkpoint(weights: TrainedWeights, target: Path, name: str) -> None:
     from safetensors.torch import save_file
 
-    from vfx.ldm_layout import open_clip_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    from vfx.ldm_layout import (SDXL_CLIP, SDXL_OPEN_CLIP, open_clip_to_ldm, text_encoder_to_ldm, unet_to_ldm,
+                                vae_to_ldm)
 
     folder = weights.folder
     state = unet_to_ldm(component(folder / "unet"), config(folder / "unet"))
     state.update(vae_to_ldm(component(folder / "vae"), config(folder / "vae")))
-    text_to_ldm = open_clip_to_ldm if is_v2(weights) else text_encoder_to_ldm
-    state.update(text_to_ldm(component(folder / "text_encoder")))
+    if base_family(weights) == "sdxl":
+        state.update(text_encoder_to_ldm(component(folder / "text_encoder"), SDXL_CLIP))
+        state.update(open_clip_to_ldm(component(folder / "text_encoder_2"), SDXL_OPEN_CLIP))
+    else:
+        text_to_ldm = open_clip_to_ldm if is_v2(weights) else text_encoder_to_ldm
+        state.update(text_to_ldm(component(folder / "text_encoder")))
     save_file({k: v.contiguous() for k, v in state.items()}, str(target), metadata={"format": "pt"})
 
 

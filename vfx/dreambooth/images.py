@@ -29,14 +29,16 @@ def generate(
 ) -> np.ndarray:
     """uint8 [n, H, W, 3], one image per (prompt, seed).
 
-    StableDiffusionPipeline runs the unconditional and conditional halves of classifier-free guidance
-    in one batch (it concatenates them for every UNet call). Each image's starting noise comes from
-    its own CPU generator, so an image depends on its seed, not on the device or its batch-mates' seeds.
+    The pipeline runs the unconditional and conditional halves of classifier-free guidance in one batch
+    (it concatenates them for every UNet call). Each image's starting noise comes from its own CPU
+    generator, so an image depends on its seed, not on the device or its batch-mates' seeds. An empty
+    negative prompt is passed as none: the same for SD (it encodes ""), and SDXL then guides against
+    zeros where its config says so (`force_zeros_for_empty_prompt`), as its own default does.
     """
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
     result = pipe(
         prompt=list(prompts),
-        negative_prompt=[negative_prompt] * len(prompts) if guidance > 1 else None,
+        negative_prompt=[negative_prompt] * len(prompts) if guidance > 1 and negative_prompt else None,
         num_inference_steps=steps,
         guidance_scale=guidance,
         width=width,

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vfx.diffusion.text import is_sdxl_unet
 from vfx.fsutil import atomic_write_text
 from vfx.dreambooth import checkpoint
 from vfx.dreambooth.config import TrainConfig
-from vfx.dreambooth.encoding import Conditioning, Latents, posterior
+from vfx.dreambooth.encoding import Latents, PromptConditioning, posterior
 from vfx.dreambooth.images import generate, write_png
 from vfx.dreambooth.objective import prediction_target
 
@@ -21,55 +22,64 @@ METRICS = "metrics.jsonl"
 
 
 def eval_set(latents: Latents, pairs: int, seed: int, num_timesteps: int):
-    """A fixed set of (clean latent, noise, timestep) triples: each instance image at `pairs` spread timesteps."""
+    """A fixed set of (clean latent, noise, timestep, micro-conditioning) rows: each instance image's centre
+    crop at `pairs` spread timesteps."""
     mean = latents.cache[0] if latents.cache is not None else posterior(latents.vae, latents.images.fixed_pixels())[0]
     clean = (mean * latents.scale).repeat_interleave(pairs, dim=0)
     generator = torch.Generator().manual_seed(seed + 7919)  # its own stream: training randomness is untouched
     noise = torch.randn(clean.shape, generator=generator).to(clean.device)
     steps = torch.tensor([int((k + 0.5) * num_timesteps / pairs) for k in range(pairs)]).repeat(len(mean))
-    return clean, noise, steps.to(clean.device)
+    time_ids = latents.time_ids(list(range(len(mean))), latents.crops).repeat_interleave(pairs, dim=0)
+    return clean, noise, steps.to(clean.device), time_ids.to(clean.device)
 
 
 @torch.no_grad()
-def eval_loss(unet, conditioning: Conditioning, text_encoder, noise_scheduler, fixed, autocast=contextlib.nullcontext) -> float:
+def eval_loss(unet, conditioning: PromptConditioning, text_encoders: list, noise_scheduler, fixed,
+              autocast=contextlib.nullcontext) -> float:
     """Mean instance MSE over the fixed evaluation set (eval mode, no dropout)."""
-    clean, noise, steps = fixed
-    was_training = text_encoder.training
-    unet.eval()
-    text_encoder.eval()
-    total = 0.0
-    with autocast():
-        for start in range(0, len(clean), 8):
-            x0, eps, t = clean[start : start + 8], noise[start : start + 8], steps[start : start + 8]
-            cond = conditioning.batch([len(x0), 0], text_encoder)
-            pred = unet(noise_scheduler.add_noise(x0, eps, t), t, cond).sample
-            target = prediction_target(noise_scheduler, x0, eps, t)
-            total += float(((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).sum())
-    unet.train()
-    text_encoder.train(was_training)
+    clean, noise, steps, time_ids = fixed
+    sdxl = is_sdxl_unet(unet)
+    with evaluating(unet, *text_encoders):
+        total = 0.0
+        with autocast():
+            for start in range(0, len(clean), 8):
+                rows = slice(start, start + 8)
+                x0, eps, t = clean[rows], noise[rows], steps[rows]
+                cond = conditioning.batch([len(x0), 0], text_encoders)
+                cond.time_ids = time_ids[rows] if sdxl else None
+                pred = unet(noise_scheduler.add_noise(x0, eps, t), t, **cond.unet_kwargs()).sample
+                target = prediction_target(noise_scheduler, x0, eps, t)
+                total += float(((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).sum())
     return total / len(clean)
 
 
-def validate(pipe, unet, text_encoder, cfg: TrainConfig, step: int, folder: Path, accelerator) -> np.ndarray:
+@contextlib.contextmanager
+def evaluating(unet, *text_encoders):
+    """Eval mode for the duration (no dropout); then the UNet trains again and each encoder is as it was."""
+    was_training = [encoder.training for encoder in text_encoders]
+    unet.eval()
+    for encoder in text_encoders:
+        encoder.eval()
+    try:
+        yield
+    finally:
+        unet.train()
+        for encoder, was in zip(text_encoders, was_training):
+            encoder.train(was)
+
+
+def validate(pipe, unet, text_encoders: list, cfg: TrainConfig, step: int, folder: Path, accelerator) -> np.ndarray:
     """Sample the validation prompt with the current weights into `folder`/step-XXXXXX/; returns the images
     (uint8 [n, H, W, 3]). The training RNGs are left as they were."""
-    from diffusers import StableDiffusionPipeline
+    from vfx.dreambooth.weights import with_trained
 
     saved = checkpoint.rng_state()
-    sampler = StableDiffusionPipeline(
-        vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet, scheduler=pipe.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    sampler = with_trained(pipe, unet, text_encoders)
     sampler.set_progress_bar_config(disable=True)
-    was_training = text_encoder.training
-    unet.eval()
-    text_encoder.eval()
-    with accelerator.autocast():
+    with evaluating(unet, *text_encoders), accelerator.autocast():
         images = generate(sampler, [cfg.validation_prompt] * cfg.validation_images,
                           [cfg.seed + i for i in range(cfg.validation_images)], steps=cfg.validation_steps,
                           guidance=7.5, width=cfg.resolution, height=cfg.resolution)
-    unet.train()
-    text_encoder.train(was_training)
     checkpoint.set_rng_state(*saved)
     out = folder / f"step-{step:06d}"
     for index, image in enumerate(images):

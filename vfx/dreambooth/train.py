@@ -34,7 +34,8 @@ from vfx.dreambooth.data import (
     ExampleOrder, ImageSet, check_prompt, describe_photos, files_identity, identifier_problem, list_images,
     photo_warnings, read_images, run_folder,
 )
-from vfx.dreambooth.encoding import Conditioning, Latents
+from vfx.diffusion.text import is_sdxl, text_encoders, tokenizers
+from vfx.dreambooth.encoding import Latents, PromptConditioning
 from vfx.dreambooth.tracking import METRICS, Metrics, eval_loss, eval_set, validate
 from vfx.dreambooth.images import native_resolution
 from vfx.dreambooth.objective import dreambooth_loss, draw_noise, draw_timesteps, prediction_target, snr_weights
@@ -54,6 +55,7 @@ class Batch:
     timesteps: torch.Tensor
     n_inst: int
     n_cls: int
+    time_ids: torch.Tensor | None = None  # SDXL: each example's micro-conditioning [n, 6]
 
     def split(self, parts: int) -> list["Batch"]:
         """`parts` micro-batches, each with an equal share of the instance and of the class rows, in order."""
@@ -63,7 +65,8 @@ class Batch:
         micro = []
         for j in range(parts):
             rows = [*range(j * inst, (j + 1) * inst), *range(self.n_inst + j * cls, self.n_inst + (j + 1) * cls)]
-            micro.append(Batch(self.latents[rows], self.noise[rows], self.timesteps[rows], inst, cls))
+            time_ids = self.time_ids[rows] if self.time_ids is not None else None
+            micro.append(Batch(self.latents[rows], self.noise[rows], self.timesteps[rows], inst, cls, time_ids))
         return micro
 
 
@@ -166,12 +169,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def encoder_names(pipe) -> list[str]:
+    """The pipeline attributes of its text encoders: text_encoder (and SDXL's text_encoder_2)."""
+    return ["text_encoder", "text_encoder_2"] if is_sdxl(pipe) else ["text_encoder"]
+
+
 def set_trainable(pipe, cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str, torch.nn.Parameter]:
-    """Freeze what is not trained, add LoRA layers when asked; returns the trained parameters by name."""
-    unet, text_encoder = pipe.unet, pipe.text_encoder
+    """Freeze what is not trained, add LoRA layers when asked; returns the trained parameters by name
+    ("unet.…", "text_encoder.…", SDXL's "text_encoder_2.…")."""
+    unet, encoders = pipe.unet, {name: getattr(pipe, name) for name in encoder_names(pipe)}
     pipe.vae.requires_grad_(False)
     unet.requires_grad_(cfg.mode == "full")
-    text_encoder.requires_grad_(cfg.mode == "full" and cfg.train_text_encoder)
+    for text_encoder in encoders.values():
+        text_encoder.requires_grad_(cfg.mode == "full" and cfg.train_text_encoder)
     if cfg.mode == "lora":
         from peft import LoraConfig
 
@@ -182,15 +192,18 @@ def set_trainable(pipe, cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str
             # peft directly: transformers' own `add_adapter` insists on a newer peft than diffusers needs.
             from peft import inject_adapter_in_model
 
-            inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                               init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS),
-                                    text_encoder)
+            for text_encoder in encoders.values():
+                inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha,
+                                                   lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian",
+                                                   target_modules=TEXT_LORA_TARGETS), text_encoder)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            enable_text_checkpointing(text_encoder)
+            for text_encoder in encoders.values():
+                enable_text_checkpointing(text_encoder)
     trained = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
-    trained.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
+    for prefix, text_encoder in encoders.items():
+        trained.update({f"{prefix}.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
     for param in trained.values():
         param.data = param.data.float()
     return trained
@@ -318,7 +331,7 @@ class Trainer:
         self.set_up_data(instance_arrays)
         self.step = self.restore() if resume_from else 0
         self.raw_unet = self.accelerator.unwrap_model(self.unet)
-        self.raw_text = self.accelerator.unwrap_model(self.text_encoder)
+        self.raw_texts = [self.accelerator.unwrap_model(encoder) for encoder in self.text_encoders]
         self.last: dict = {}
         self.steps_here = 0
         self.started = time.time()
@@ -328,6 +341,7 @@ class Trainer:
         seed_everything(cfg.seed)  # before LoRA layers are made: their initialisation is random
         self.pipe = pipe = load_pipeline(self.settings.model, self.accelerator.device, torch.float32,
                                          self.settings.model_config)
+        self.sdxl = is_sdxl(pipe)
         check_prompt(pipe.tokenizer, cfg.instance_prompt, "the instance prompt")
         if prior:
             check_prompt(pipe.tokenizer, prior.prompt, "the class prompt")
@@ -348,7 +362,7 @@ class Trainer:
 
         cfg, pipe = self.cfg, self.pipe
         unet_params = [p for n, p in self.trained.items() if n.startswith("unet.")]
-        text_params = [p for n, p in self.trained.items() if n.startswith("text_encoder.")]
+        text_params = [p for n, p in self.trained.items() if not n.startswith("unet.")]
         groups = [{"params": unet_params, "lr": cfg.learning_rate}]
         if text_params:
             groups.append({"params": text_params, "lr": cfg.text_encoder_lr})
@@ -357,13 +371,14 @@ class Trainer:
         # which would step it once per process).
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=cfg.max_steps)
+        encoders = text_encoders(pipe)
         if cfg.train_text_encoder:
-            self.unet, self.text_encoder, self.optimizer = self.accelerator.prepare(pipe.unet, pipe.text_encoder,
-                                                                                    optimizer)
+            self.unet, *self.text_encoders, self.optimizer = self.accelerator.prepare(pipe.unet, *encoders, optimizer)
         else:
             self.unet, self.optimizer = self.accelerator.prepare(pipe.unet, optimizer)
-            self.text_encoder = pipe.text_encoder
-            self.text_encoder.eval()
+            self.text_encoders = encoders
+            for encoder in encoders:
+                encoder.eval()
 
     def set_up_data(self, instance_arrays: list[np.ndarray]) -> None:
         """Latents and text embeddings cached wherever they cannot change; the example orders."""
@@ -372,7 +387,7 @@ class Trainer:
                                  pipe.vae)
         self.classes = Latents.from_files(prior.files, cfg.resolution, pipe.vae) if prior else None
         prompts = [cfg.instance_prompt] + ([prior.prompt] if prior else [])
-        self.conditioning = Conditioning(self.text_encoder, pipe.tokenizer, prompts, cfg.train_text_encoder)
+        self.conditioning = PromptConditioning(self.text_encoders, tokenizers(pipe), prompts, cfg.train_text_encoder)
         self.instance_order = ExampleOrder(len(instance_arrays), cfg.seed, 0)
         self.class_order = ExampleOrder(len(prior.files), cfg.seed, 1) if prior else None
         self.generator = torch.Generator().manual_seed(cfg.seed + self.rank)
@@ -398,7 +413,7 @@ class Trainer:
 
     def evaluate(self) -> None:
         if self.fixed_eval is not None and self.main:
-            value = eval_loss(self.raw_unet, self.conditioning, self.raw_text, self.noise_scheduler, self.fixed_eval,
+            value = eval_loss(self.raw_unet, self.conditioning, self.raw_texts, self.noise_scheduler, self.fixed_eval,
                               self.accelerator.autocast)
             self.metrics.write({"step": self.step, "eval_instance_loss": value})
 
@@ -428,7 +443,8 @@ class Trainer:
             self.evaluate()
         self.unet.train()
         if cfg.train_text_encoder:
-            self.text_encoder.train()
+            for encoder in self.text_encoders:
+                encoder.train()
         budget = cfg.max_steps - self.step if cfg.stop_after is None else min(cfg.max_steps - self.step,
                                                                               cfg.stop_after)
         # The bar counts the whole run: a resumed run starts at the checkpoint's step.
@@ -443,7 +459,7 @@ class Trainer:
                     self.evaluate()
                 if cfg.validation_prompt and self.main and (self.step % cfg.validation_every == 0
                                                             or self.step == cfg.max_steps):
-                    images = validate(self.pipe, self.raw_unet, self.raw_text, cfg, self.step,
+                    images = validate(self.pipe, self.raw_unet, self.raw_texts, cfg, self.step,
                                       self.run_dir / "validation", self.accelerator)
                     self.metrics.images(self.step, images)
 
@@ -485,20 +501,25 @@ class Trainer:
         mine = slice(self.rank * n_inst, (self.rank + 1) * n_inst)
         inst_idx = self.instance_order.take(n_inst * self.world)[mine]
         cls_idx = self.class_order.take(n_inst * self.world)[mine] if self.class_order else []
-        latents = self.instances.sample(inst_idx, generator)
+        latents, crops = self.instances.sample(inst_idx, generator)
+        time_ids = [self.instances.time_ids(inst_idx, crops)]
         if self.classes is not None:
-            latents = torch.cat([latents, self.classes.sample(cls_idx, generator)])
+            class_latents, class_crops = self.classes.sample(cls_idx, generator)
+            latents = torch.cat([latents, class_latents])
+            time_ids.append(self.classes.time_ids(cls_idx, class_crops))
         noise = draw_noise(tuple(latents.shape), generator, self.cfg.offset_noise).to(latents.device)
         timesteps = draw_timesteps(len(latents), self.num_timesteps, generator).to(latents.device)
-        return Batch(latents, noise, timesteps, len(inst_idx), len(cls_idx))
+        time_ids = torch.cat(time_ids).to(latents.device) if self.sdxl else None
+        return Batch(latents, noise, timesteps, len(inst_idx), len(cls_idx), time_ids)
 
     def backward(self, part: "Batch", parts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Forward and backward of one micro-batch, its loss divided by `parts` so the gradients add up to
         the whole batch's; returns (loss, instance term, prior term) of the micro-batch."""
         cfg, scheduler = self.cfg, self.noise_scheduler
         noisy = scheduler.add_noise(part.latents, part.noise, part.timesteps)
-        cond = self.conditioning.batch([part.n_inst, part.n_cls], self.text_encoder)
-        pred = self.unet(noisy, part.timesteps, cond).sample
+        cond = self.conditioning.batch([part.n_inst, part.n_cls], self.text_encoders)
+        cond.time_ids = part.time_ids
+        pred = self.unet(noisy, part.timesteps, **cond.unet_kwargs()).sample
         target = prediction_target(scheduler, part.latents, part.noise, part.timesteps)
         weights = snr_weights(scheduler, part.timesteps, cfg.snr_gamma) if cfg.snr_gamma else None
         terms = dreambooth_loss(pred, target, part.n_inst, cfg.prior_loss_weight, weights)
@@ -509,7 +530,7 @@ class Trainer:
         """Under several processes: no gradient all-reduce for this backward when `skip`."""
         stack = contextlib.ExitStack()
         if skip:
-            for model in [self.unet] + ([self.text_encoder] if self.cfg.train_text_encoder else []):
+            for model in [self.unet] + (self.text_encoders if self.cfg.train_text_encoder else []):
                 stack.enter_context(self.accelerator.no_sync(model))
         return stack
 
@@ -530,9 +551,9 @@ def train(settings: Settings, cfg: TrainConfig) -> dict:
 def write_weights(folder: Path, trainer: Trainer, cfg: TrainConfig, settings: Settings) -> None:
     """The inference weights (a pipeline folder, or the LoRA file) and dreambooth.json, into `folder`."""
     if cfg.mode == "full":
-        save_full(folder, trainer.pipe, trainer.raw_unet, trainer.raw_text)
+        save_full(folder, trainer.pipe, trainer.raw_unet, trainer.raw_texts)
     else:
-        save_lora(folder, trainer.raw_unet, trainer.raw_text if cfg.train_text_encoder else None)
+        save_lora(folder, trainer.raw_unet, trainer.raw_texts if cfg.train_text_encoder else None)
     write_info(folder, {
         "mode": cfg.mode, "base_model": settings.model.identity, "base_model_spec": settings.model.spec,
         "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt, "identifier": cfg.identifier,

@@ -21,26 +21,31 @@ from vfx.stage import StageFolder, upstream
 INFO_FILE = "dreambooth.json"
 
 
-def save_lora(folder: Path, unet, text_encoder=None) -> Path:
+def save_lora(folder: Path, unet, text_encoders: list | None = None) -> Path:
     """The trained LoRA layers in diffusers' layout, readable by `load_lora_weights` on every maintained
-    stack: the text encoder's keys under `text_encoder.text_model.…` (transformers 4.x names them so,
-    and 5.x reads them), and alpha/rank folded into the up weights, so loaders that assume alpha =
-    rank (diffusers before 0.35, which ignore the metadata) give the trained model exactly.
+    stack (SDXL's, with a second text encoder, by StableDiffusionXLPipeline's): the text encoders' keys
+    under `text_encoder.text_model.…` (transformers 4.x names them so, and 5.x reads them), and
+    alpha/rank folded into the up weights, so loaders that assume alpha = rank (diffusers before 0.35,
+    which ignore the metadata) give the trained model exactly.
     """
     import inspect
 
-    from diffusers import StableDiffusionPipeline
+    import diffusers
+
+    from vfx.diffusion.text import is_sdxl_unet
 
     unet_layers, unet_meta = lora_layers(unet)
-    text_layers, text_meta = lora_layers(text_encoder) if text_encoder is not None else (None, None)
-    if text_layers is not None:
-        renamed = text_encoder_keys(text_layers, type(text_encoder).__name__)
-        text_layers = {renamed[k]: v for k, v in text_layers.items()}
-    options = {}
-    if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
-        options = {"unet_lora_adapter_metadata": unet_meta, "text_encoder_lora_adapter_metadata": text_meta}
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=unet_layers,
-                                              text_encoder_lora_layers=text_layers, safe_serialization=True, **options)
+    encoders = text_encoders or []
+    pipeline = getattr(diffusers, "StableDiffusionXLPipeline" if is_sdxl_unet(unet) else "StableDiffusionPipeline")
+    kwargs = {"unet_lora_layers": unet_layers}
+    metadata = {"unet_lora_adapter_metadata": unet_meta}
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
+        layers, metadata[f"{name}_lora_adapter_metadata"] = lora_layers(encoder)
+        renamed = text_encoder_keys(layers, type(encoder).__name__)
+        kwargs[f"{name}_lora_layers"] = {renamed[k]: v for k, v in layers.items()}
+    if "unet_lora_adapter_metadata" in inspect.signature(pipeline.save_lora_weights).parameters:
+        kwargs.update(metadata)
+    pipeline.save_lora_weights(str(folder), safe_serialization=True, **kwargs)
     return Path(folder) / LORA_FILE
 
 
@@ -57,15 +62,24 @@ def lora_layers(model) -> tuple[dict, dict]:
     return convert_state_dict_to_diffusers(layers), meta
 
 
-def save_full(folder: Path, base_pipe, unet, text_encoder) -> Path:
-    """A complete diffusers pipeline: the base model's components with the trained UNet / text encoder."""
+def with_trained(base_pipe, unet, text_encoders: list):
+    """A pipeline of the base model's class and components, with these UNet and text encoders (SD: no
+    safety checker)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=base_pipe.vae, text_encoder=text_encoder, tokenizer=base_pipe.tokenizer, unet=unet,
+    if type(base_pipe).__name__ == "StableDiffusionXLPipeline":
+        parts = {**base_pipe.components, "unet": unet, "text_encoder": text_encoders[0],
+                 "text_encoder_2": text_encoders[1]}
+        return type(base_pipe)(**parts, force_zeros_for_empty_prompt=base_pipe.config.force_zeros_for_empty_prompt)
+    return StableDiffusionPipeline(
+        vae=base_pipe.vae, text_encoder=text_encoders[0], tokenizer=base_pipe.tokenizer, unet=unet,
         scheduler=base_pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def save_full(folder: Path, base_pipe, unet, text_encoders: list) -> Path:
+    """A complete diffusers pipeline: the base model's components with the trained UNet / text encoders."""
+    with_trained(base_pipe, unet, text_encoders).save_pretrained(str(folder), safe_serialization=True)
     portable_pipeline(folder)
     return Path(folder)
 
