@@ -440,10 +440,13 @@ def family_of_checkpoint(path: Path) -> str:
     SDXL's original layout keeps its two text encoders under `conditioner.embedders`."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as weights:
-        keys = weights.keys()
-        first = "model.diffusion_model.input_blocks.0.0.weight"
-        in_channels = weights.get_slice(first).get_shape()[1] if first in keys else None
+    first = "model.diffusion_model.input_blocks.0.0.weight"
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            keys = weights.keys()
+            in_channels = weights.get_slice(first).get_shape()[1] if first in keys else None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds for a damaged file
+        raise BadInput(f"{path.name} is not a readable safetensors checkpoint: {exc}") from None
     if any(key.startswith("conditioner.embedders.1.") for key in keys):
         return "sdxl"
     return "depth" if in_channels == DEPTH_CHANNELS else "sd"

@@ -53,7 +53,7 @@ def resolve_depth_model(model, spec: str | None) -> DepthModelRef:
     if spec:
         folder = model_folder(spec, DEPTH_FLAG)
         if not folder.is_dir():
-            raise BadInput(f"{DEPTH_FLAG} {spec}: no such folder")
+            raise BadInput(f"{DEPTH_FLAG} {spec}: no such folder (a DPT model is a folder)")
         for name in ("config.json", "preprocessor_config.json"):
             if not (folder / name).is_file():
                 raise BadInput(f"{DEPTH_FLAG} {spec}: not a DPT depth model folder (no {name})")
