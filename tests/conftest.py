@@ -286,6 +286,36 @@ def run_edit(root: Path, *extra) -> dict:
     return ok_json("edit", root, "--prompt", "a red robot", "--steps", EDIT_STEPS, *extra)
 
 
+def assert_static_edit(root: Path) -> None:
+    """An edit (batches of 3) of a project whose 6 frames are one image gives 6 identical frames, changed."""
+    import zarr
+
+    result = run_edit(root, "--batch-size", "3", "--name", "static")
+    out = edited(root, "static")
+    source = np.asarray(zarr.open_array(str(root / "latents" / "latents.zarr")))
+    assert out.shape == (6, 4, 8, 8) and np.isfinite(out).all()
+    assert np.abs(out - source).max() > 1e-3, "the edit must change the latents"
+    # Identical frames in batches of another composition differ by float rounding only, amplified by
+    # the UNet steps under guidance 7.5: measured 49-65 (tiny), 72 (tiny-xl), 76 (tiny-depth) float32
+    # eps of the latents' scale, so k = 128.
+    rounding = 128 * np.finfo(np.float32).eps * np.abs(out).max()
+    for frame in out[1:]:
+        assert np.abs(frame - out[0]).max() <= rounding
+    assert result["unet_frame_evaluations"] == 3 * 6 * EDIT_STEPS  # 3N per step: keyframes are not evaluated twice
+
+
+def assert_every_frame_edited(root: Path, count: int) -> None:
+    """An edit of the project's `count` frames denoises every one of them."""
+    import zarr
+
+    run_edit(root, "--name", "e")
+    out = edited(root, "e")
+    start = np.asarray(zarr.open_array(str(root / "inversion" / "trajectory.zarr"))[1])  # first editing timestep
+    assert out.shape[0] == count and np.isfinite(out).all()
+    changed = np.abs(out - start).reshape(count, -1).max(axis=1)
+    assert (changed > 1e-3).all(), "every frame is denoised"
+
+
 def edited(root: Path, name: str) -> np.ndarray:
     """The latents of edit `name`."""
     import zarr
