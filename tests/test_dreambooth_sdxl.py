@@ -170,7 +170,7 @@ def test_kohya_export_names_both_encoders_and_loads_in_the_sdxl_pipeline(xl, tmp
 def test_checkpoint_export_loads_with_from_single_file(xl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from vfx.models import model_family, resolve_model, tiny_model_dir
+    from vfx.models import load_pipeline, model_family, resolve_model, tiny_model_dir
 
     root, _ = xl
     out = tmp_path / "zwx-xl-full.safetensors"
@@ -183,6 +183,10 @@ def test_checkpoint_export_loads_with_from_single_file(xl, tmp_path):
     pipe = StableDiffusionXLPipeline.from_single_file(str(out), config=str(tiny_model_dir("tiny-xl")),
                                                       local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    # `--model FILE --model-config DIR` takes the same road: the family from the file, its loader.
+    ours_loaded = load_pipeline(resolve_model(str(out)), torch.device("cpu"), torch.float32, str(tiny_model_dir("tiny-xl")))
+    assert isinstance(ours_loaded, StableDiffusionXLPipeline)
+    assert all(torch.equal(a, b) for a, b in zip(ours_loaded.unet.parameters(), pipe.unet.parameters()))
     ours = StableDiffusionXLPipeline.from_pretrained(str(run_dir(root, "full") / "weights"))
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):  # every tensor came through the key map
         loaded, trained = getattr(pipe, component).state_dict(), getattr(ours, component).state_dict()
