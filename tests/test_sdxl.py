@@ -88,6 +88,38 @@ def test_conditioning_is_the_sdxl_pipelines():
     assert kwargs["encoder_hidden_states"].shape[0] == 3 and kwargs["added_cond_kwargs"]["time_ids"].shape == (3, 6)
 
 
+def test_every_edit_call_conditions_each_branch_as_sdxl_does(tmp_path):
+    """[source | uncond | cond] rows get the inversion prompt's, the negative prompt's (zeros for an empty
+    one, as the SDXL pipeline) and the edit prompt's pooled embeddings, and every row the frames'
+    micro-conditioning (64x96, uncropped)."""
+    from vfx.settings import Settings
+    from vfx.stages.edit import edit
+    from vfx.stages.edit_config import NEGATIVE_PROMPT, EditConfig
+
+    frames = [np.ascontiguousarray(np.roll(textured(96, seed=2), 4 * k, axis=1)[16:80]) for k in range(3)]
+    folder = image_folder(tmp_path / "frames", frames)
+    root = video_project(tmp_path / "p", folder, "--size", "96x64", "--model", "tiny-xl", "--prompt", "a woman",
+                         stages=("extract", "encode", ("invert", "--steps", STEPS, "--save-steps", STEPS,
+                                                       "--no-reconstruction")))
+    settings = Settings.resolve(root)
+    pipe = settings.pipeline()
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]),
+                                        with_kwargs=True)
+    source, cond = encode_prompt(pipe, "a woman").pooled, encode_prompt(pipe, "a red robot").pooled
+    for negative in (NEGATIVE_PROMPT, ""):
+        seen.clear()
+        edit(settings, EditConfig("a red robot", f"e{len(negative)}", steps=STEPS, negative_prompt=negative))
+        uncond = encode_prompt(pipe, negative, negative=True).pooled
+        assert seen and uncond.any() == bool(negative)
+        for added in seen:
+            rows = added["text_embeds"].shape[0] // 3
+            branches = added["text_embeds"].chunk(3)
+            for branch, expected in zip(branches, (source, uncond, cond)):
+                assert torch.equal(branch, expected.expand(rows, -1))
+            assert added["time_ids"].tolist() == [[64, 96, 0, 0, 64, 96]] * (3 * rows)
+
+
 # ---------------------------------------------------------------- PnP layers
 
 
