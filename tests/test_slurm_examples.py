@@ -63,6 +63,26 @@ def test_driver_chains_arrays_sized_by_plan(small, tmp_path):
     assert invoke("status", small, "--missing", "encode", "--verify").stdout.strip() == ""
 
 
+def test_driver_estimates_depth_first_for_a_depth_model(tmp_path, gen_video):
+    root = video_project(tmp_path / "proj", gen_video, "--size", "32x32", "--chunk-frames", "4", "--max-frames", "8",
+                         "--model", "tiny-depth", stages=())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(REPO / "tests" / "fake_slurm" / "sbatch", bin_dir / "sbatch")
+    vfx_shim(bin_dir)
+    log = tmp_path / "sbatch.log"
+    env = cli_env() | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log),
+                       "INVERT_ARGS": "--steps 4 --save-steps 2", "DEPTH": "1"}
+    proc = subprocess.run(["bash", str(SLURM / "pipeline.sh"), str(root)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = log.read_text().splitlines()
+    assert any("vfx-depth.sbatch" in c and "--array=0-1" in c for c in calls), calls
+    assert any("vfx-invert.sbatch" in c and "--dependency=afterok:42:42" in c for c in calls), calls
+    states = {folder: row["state"] for folder, row in status_rows(root).items()}
+    assert states.get("depth") == states.get("inversion") == "complete", states
+
+
 def test_makefile_pipeline_with_local_shards(small, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -4,11 +4,13 @@
 #   extract (one job, waited for) -> encode[N] -> invert[N] -> eval --inversion[N]
 #                                 -> flow[N-1 pairs] ---------^
 #                                    encode[N] -> decode[N]
+#                  (DEPTH=1, for a depth model: depth[N] too, before invert)
 #
 # Usage: examples/slurm/pipeline.sh PROJ [PER_SHARD]
 #   PROJ       a project made by `vfx init PROJ --video FILE ...` on a shared file system
 #   PER_SHARD  chunks per array task (default 1: one task per chunk)
-# Environment: VFX (the vfx executable), INVERT_ARGS (e.g. "--steps 500 --save-steps 50").
+# Environment: VFX (the vfx executable), INVERT_ARGS (e.g. "--steps 500 --save-steps 50"), DEPTH=1 for a
+# depth model (stable-diffusion-2-depth: `vfx depth` runs before the inversion).
 # Array sizes come from `vfx plan`, after extraction, from frames/frames.zarr's shape.
 set -euo pipefail
 PROJ=$(realpath "${1:?usage: pipeline.sh PROJ [PER_SHARD]}")
@@ -30,7 +32,12 @@ submit() {
 }
 
 encode=$(submit encode "")
-invert=$(submit invert "$encode" "${INVERT_ARGS:-}")
+before_invert=$encode
+if [ "${DEPTH:-0}" = 1 ]; then
+    depth=$(submit depth "")
+    before_invert=$encode:$depth
+fi
+invert=$(submit invert "$before_invert" "${INVERT_ARGS:-}")
 flow=$(submit flow "")
 decode=$(submit decode "$encode")
 evaluate=$(submit eval "$invert:$flow")
