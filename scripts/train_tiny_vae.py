@@ -3,7 +3,7 @@
 The tiny model's UNet stays random; only its VAE is trained. The training images are natural
 photographs shipped with scikit-image plus generated clips (moving shapes over smooth gradients and
 textures); the shared test video is never read. The result goes to `vfx/assets/tiny_vae.safetensors`
-(float16, with its latent scaling factor in the metadata), which `vfx.models.tiny_vae` loads.
+(float16, with its latent scaling factor in the metadata), which `vfx.tiny_models.tiny_vae` loads.
 
     python scripts/train_tiny_vae.py                    # the shipped weights (about 45 min, 1 thread)
     python scripts/train_tiny_vae.py --steps 5 --out /tmp/vae.safetensors   # a quick check
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vfx.models import TINY_VAE_ASSET, bare_tiny_vae
+from vfx.tiny_models import TINY_VAE_ASSET, bare_tiny_vae
 
 CROP = 64
 HELD_OUT = ("coffee", "chelsea")  # photographs kept out of training, for the PSNR printed at the end

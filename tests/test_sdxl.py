@@ -39,7 +39,8 @@ def test_tiny_xl_is_sdxl_shaped():
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModelWithProjection
 
-    from vfx.models import SDXL_SCALING_FACTOR, controlnet_dir, load_controlnet, ControlNetRef, resolve_model
+    from vfx.models import ControlNetRef, controlnet_dir, load_controlnet, resolve_model
+    from vfx.tiny_models import SDXL_SCALING_FACTOR
 
     pipe = tiny_pipe("tiny-xl")
     assert isinstance(pipe, StableDiffusionXLPipeline) and is_sdxl(pipe)

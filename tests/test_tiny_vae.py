@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import REPO, SHARED_VIDEO, require_shared
-from vfx import media, models
+from vfx import media, tiny_models as models
 from vfx.metrics import psnr
 
 

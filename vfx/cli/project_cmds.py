@@ -204,7 +204,8 @@ def model_tiny_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Build an embedded tiny SD- or SDXL-shaped model (deterministic: identical bytes every time)."""
-    from vfx.models import TINY_NAMES, build_tiny, tiny_model_dir
+    from vfx.models import TINY_NAMES, tiny_model_dir
+    from vfx.tiny_models import build_tiny
 
     if variant not in TINY_NAMES:
         raise BadInput(f"unknown variant {variant!r}: use {', '.join(TINY_NAMES)}")

@@ -81,7 +81,7 @@ def load_depth_model(ref: DepthModelRef, device: torch.device):
     """(estimator, image processor); the estimator in float32 (DPT-Hybrid's batch norms do not run in fp16)."""
     from transformers import DPTForDepthEstimation
 
-    from vfx.models import dpt_image_processor_class
+    from vfx.tiny_models import dpt_image_processor_class
 
     try:
         with _transformers_quiet():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vfx.diffusion.text import Conditioning
+from vfx.diffusion.text import Conditioning, encode_tokens
 from vfx.dreambooth.data import ImageSet, read_images
 
 
@@ -91,8 +91,6 @@ class PromptConditioning:
         self.cached = None if trained else [self.encode(ids) for ids in self.ids]
 
     def encode(self, ids: list[torch.Tensor], encoders: list | None = None) -> Conditioning:
-        from vfx.diffusion.text import encode_tokens
-
         with torch.set_grad_enabled(self.trained and torch.is_grad_enabled()):
             return encode_tokens(encoders or self.text_encoders, ids)
 
