@@ -18,7 +18,7 @@ def test_every_stage_has_a_row_naming_its_command_and_known_upstreams():
     for name, row in graph.STAGES.items():
         assert row.command.startswith(f"vfx {name} "), name
         assert row.artifacts and all(up in graph.STAGES for up in row.upstream)
-    assert graph.SHARDABLE == ("encode", "invert", "flow", "decode", "eval", "regularize", "sample")
+    assert graph.SHARDABLE == ("encode", "depth", "invert", "flow", "decode", "eval", "regularize", "sample")
 
 
 def test_an_edit_depends_on_the_trajectory_not_on_the_reconstruction_option(tmp_path):
