@@ -30,6 +30,10 @@ ROWS = [  # part, what it measures
     ("invert-main", "invert (fixed-point, 2 UNet calls a step)"),
     ("edit-main", "edit (TokenFlow PnP)"),
     ("train-main", "train (DreamBooth LoRA)"),
+    ("model-xl", "build SDXL (`vfx model random --arch sdxl`)"),
+    ("clip-xl", "SDXL clip: demo-video, init, extract, encode"),
+    ("invert-xl", "SDXL invert (fixed-point, 2 UNet calls a step)"),
+    ("edit-xl", "SDXL edit (TokenFlow PnP)"),
     ("edit-alt", "edit (TokenFlow PnP)"),
     ("invert-alt", "invert (fixed-point, 2 UNet calls a step)"),
     ("train-alt", "train (DreamBooth LoRA)"),
@@ -160,6 +164,8 @@ def table(work: Path) -> int:
           f"{settings.get('frames')} frames, {settings.get('steps')} steps (invert and edit), "
           f"LoRA rank 4, batch 1, {settings.get('train_steps')} train steps (median after {TRAIN_WARMUP})"
           + (" — DRY RUN on CPU, tiny model: not a measurement" if settings.get("dry") else ""))
+    print(f"SDXL rows: {settings.get('xl_label')}, {settings.get('xl_size')}x{settings.get('xl_size')}, "
+          f"{settings.get('xl_frames')} frames, {settings.get('steps')} steps")
     print()
     print("| part | dtype | s/step | steps/s | wall (s) | peak CUDA alloc (MiB) | status |")
     print("|---|---|---|---|---|---|---|")

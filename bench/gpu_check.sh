@@ -2,7 +2,8 @@
 # SD 1.5-size speed and memory of the real vfx stages on one CUDA GPU, in one run of about 8 minutes:
 # DDIM inversion and a TokenFlow edit of a 120-frame 512x512 clip (10 steps each) and a DreamBooth LoRA
 # training step at 512 px, in fp16 and then bf16, on `vfx model random --arch sd15` (SD 1.5's
-# architecture, random weights: nothing is downloaded). Prints one markdown table.
+# architecture, random weights: nothing is downloaded); then the inversion and edit of a 32-frame
+# 1024x1024 clip on `vfx model random --arch sdxl` in fp16. Prints one markdown table.
 #
 #   bench/gpu_check.sh wheels      # where PyPI is reachable: fetch the wheels the GPU machine lacks into .whl/
 #   bench/gpu_check.sh             # on the GPU machine, from the repository root (.whl/ beside it)
@@ -38,10 +39,12 @@ if [ "$DRY" = 1 ]; then
     BASE_PY=${GPU_CHECK_PYTHON:-$REPO/.venv/bin/python}
     MODEL=tiny; MODEL_LABEL="tiny"; SIZE=64; FRAMES=4; STEPS=2; TRAIN_STEPS=4; DEVICE=cpu
     MAIN=fp32; ALT=bf16; MP_MAIN=no; MP_ALT=bf16
+    XL_MODEL=tiny-xl; XL_LABEL="tiny-xl"; XL_SIZE=64; XL_FRAMES=4
 else
     BASE_PY=${GPU_CHECK_PYTHON:-python3}
     MODEL=$WORK/sd15; MODEL_LABEL="SD 1.5 architecture (random fp16 weights)"; SIZE=512; FRAMES=120; STEPS=10
     TRAIN_STEPS=20; DEVICE=cuda; MAIN=fp16; ALT=bf16; MP_MAIN=fp16; MP_ALT=bf16
+    XL_MODEL=$WORK/sdxl; XL_LABEL="SDXL architecture (random fp16 weights)"; XL_SIZE=1024; XL_FRAMES=32
 fi
 PY=$VENV/bin/python
 CHECK=("$PY" "$REPO/bench/gpu_check.py")
@@ -89,8 +92,10 @@ mp_label() { if [ "$1" = no ]; then echo fp32; else echo "$1 autocast, $1 frozen
 "$BASE_PY" - "$WORK/settings.json" <<EOF
 import json, sys
 json.dump({"dry": $DRY == 1, "model_label": "$MODEL_LABEL", "size": $SIZE, "frames": $FRAMES, "steps": $STEPS,
-           "train_steps": $TRAIN_STEPS, "dtypes": {"model": "fp16" if $DRY != 1 else "", "clip": "fp32 VAE",
+           "train_steps": $TRAIN_STEPS, "xl_label": "$XL_LABEL", "xl_size": $XL_SIZE, "xl_frames": $XL_FRAMES,
+           "dtypes": {"model": "fp16" if $DRY != 1 else "", "clip": "fp32 VAE",
            "invert-main": "$MAIN", "edit-main": "$MAIN", "train-main": "$(mp_label $MP_MAIN)",
+           "model-xl": "fp16" if $DRY != 1 else "", "clip-xl": "fp32 VAE", "invert-xl": "$MAIN", "edit-xl": "$MAIN",
            "edit-alt": "$ALT", "invert-alt": "$ALT", "train-alt": "$(mp_label $MP_ALT)"}},
           open(sys.argv[1], "w"))
 EOF
@@ -158,6 +163,30 @@ train() {  # train NAME MIXED_PRECISION
         --checkpoint-every $TRAIN_STEPS --eval-pairs 0 --mixed-precision "$2" --device $DEVICE
 }
 if [ $have_clip = 1 ]; then train train-main $MP_MAIN; else skip train-main "no clip"; fi
+
+# SDXL at 1024 px: its own model and clip, then the inversion and the edit (main dtype).
+XL_PROJECT=$WORK/xl/p  # its clip and photos beside it, in $WORK/xl
+mkdir -p "$WORK/xl"
+have_xl=1
+if [ "$DRY" = 1 ]; then
+    skip model-xl "dry run: the tiny-xl model"
+else
+    part model-xl 150 "${CHECK[@]}" stage "$WORK/results/model-xl.json" none:: -- model random --arch sdxl \
+        --out "$XL_MODEL" --dtype fp16 || have_xl=0
+fi
+if [ $have_xl = 1 ] && part clip-xl 120 "${CHECK[@]}" clip "$WORK/results/clip-xl.json" "$XL_PROJECT" "$XL_MODEL" \
+        $XL_SIZE $XL_FRAMES $DEVICE; then
+    if stage invert-xl "invert:$XL_FRAMES:$XL_PROJECT/inversion" 120 invert "$XL_PROJECT" --save-steps $STEPS \
+        --no-reconstruction --dtype $MAIN --device $DEVICE; then
+        stage edit-xl "edit::$XL_PROJECT/edits/main" 150 edit "$XL_PROJECT" --prompt "$prompt" --name main \
+            --steps $STEPS --dtype $MAIN --device $DEVICE
+    else
+        skip edit-xl "no inversion"
+    fi
+else
+    [ $have_xl = 1 ] || skip clip-xl "no model"
+    skip invert-xl "no clip"; skip edit-xl "no clip"
+fi
 # The bf16 variant: the edit reads the inversion above; the bf16 inversion then replaces it.
 if [ $have_clip = 1 ] && grep -q '^ok' "$WORK/status/invert-main"; then
     stage edit-alt "edit::$PROJECT/edits/alt" 200 edit "$PROJECT" --prompt "$prompt" --name alt --steps $STEPS \
