@@ -108,6 +108,20 @@ def test_checkpoint_export_loads_with_from_single_file(request, tmp_path, varian
     assert_same_image(image_of(pipe), sampled(root, "full"))
 
 
+def test_a_lora_trained_on_a_single_file_exports_to_kohya(sd2_run, tmp_path):
+    """The base's architecture then comes from the file's tensor names (SD 2.x: OpenCLIP)."""
+    from vfx.models import tiny_model_dir
+
+    base = tmp_path / "sd2-base.safetensors"
+    ok("export", sd2_run, "--name", "full", "--format", "checkpoint", "--out", base)
+    ok(*train_args(sd2_run, "on-file", make_photos(tmp_path / "photos", 2), "--mode", "lora", "--model", base,
+                   "--model-config", tiny_model_dir("tiny-v"), steps=1))
+    out = tmp_path / "on-file.safetensors"
+    ok("export", sd2_run, "--name", "on-file", "--format", "kohya", "--out", out)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sd_v2" and any(k.startswith("lora_unet_") for k in f.keys())
+
+
 def test_diffusers_exports_load_with_diffusers(runs, tmp_path):
     from diffusers import StableDiffusionPipeline
 

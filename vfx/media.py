@@ -330,7 +330,9 @@ def write_mp4(path: Path, frames: Iterable[np.ndarray], fps: Fraction, crf: int 
                     stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
                     stream.height, stream.width = frame.shape[:2]
                     stream.pix_fmt = "yuv420p"
-                    stream.options = {"crf": str(crf), "preset": "medium"}
+                    # No macroblock-tree rate control: with it, libx264 read memory it had not written
+                    # (the same frames encoded to one of five byte streams, by the heap's state).
+                    stream.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
                     if audio is not None:
                         sound = stack.enter_context(_CopiedAudio(container, audio))
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))

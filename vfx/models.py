@@ -3,6 +3,7 @@ configs), and the cache of the embedded tiny models (built by vfx.tiny_models)."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -177,18 +178,27 @@ def family_of_unet(config: dict) -> str:
     return "depth" if config.get("in_channels") == DEPTH_CHANNELS else "sd"
 
 
-def family_of_checkpoint(path: Path) -> str:
-    """The family of a single-file .safetensors checkpoint, from its tensor names (the header only):
-    SDXL's original layout keeps its two text encoders under `conditioner.embedders`."""
+@contextlib.contextmanager
+def checkpoint_header(path: Path):
+    """A single-file .safetensors checkpoint opened for its header (tensor names and shapes, no data)."""
     from safetensors import safe_open
 
-    first = "model.diffusion_model.input_blocks.0.0.weight"
     try:
-        with safe_open(str(path), framework="pt") as weights:
-            keys = weights.keys()
-            in_channels = weights.get_slice(first).get_shape()[1] if first in keys else None
+        handle = safe_open(str(path), framework="pt")
     except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds for a damaged file
-        raise BadInput(f"{path.name} is not a readable safetensors checkpoint: {exc}") from None
+        raise BadInput(f"{Path(path).name} is not a readable safetensors checkpoint: {exc}") from None
+    with handle as weights:
+        yield weights
+
+
+def family_of_checkpoint(path: Path) -> str:
+    """The family of a single-file .safetensors checkpoint, from its tensor names (the header only):
+    SDXL's original layout keeps its two text encoders under `conditioner.embedders`; a depth model's
+    first convolution reads 5 channels."""
+    first = "model.diffusion_model.input_blocks.0.0.weight"
+    with checkpoint_header(path) as weights:
+        keys = weights.keys()
+        in_channels = weights.get_slice(first).get_shape()[1] if first in keys else None
     if any(key.startswith("conditioner.embedders.1.") for key in keys):
         return "sdxl"
     return "depth" if in_channels == DEPTH_CHANNELS else "sd"
@@ -215,8 +225,9 @@ _warned_tiny = False
 
 
 def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model_config: str | None = None):
-    """The model's pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline, told by its config) on
-    `device`; the VAE stays fp32 (fp16 VAEs are known to overflow)."""
+    """The model's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline or, without its depth
+    estimator, StableDiffusionDepth2ImgPipeline: told by its config) on `device`; the VAE stays fp32
+    (fp16 VAEs are known to overflow)."""
     import diffusers
 
     global _warned_tiny
@@ -225,8 +236,9 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model
     diffusers_logging.disable_progress_bar()
     family = model_family(ref, model_config)
     pipeline_class = getattr(diffusers, PIPELINES[family])
+    # A depth model's estimator is not loaded here: `vfx depth` runs it, on its own.
     extra = {"sd": {"safety_checker": None, "requires_safety_checker": False},
-             "depth": {"depth_estimator": None, "feature_extractor": None}}.get(family, {})  # (depth: `vfx depth`'s)
+             "depth": {"depth_estimator": None, "feature_extractor": None}}.get(family, {})
     if ref.is_tiny:
         if not _warned_tiny:
             log.note("using the embedded tiny model: its outputs are not meaningful images")

@@ -203,7 +203,7 @@ def model_tiny_cmd(
     variant: Annotated[str, typer.Option(help="tiny (SD 1.x-shaped, epsilon), tiny-v (SD 2.x-shaped, v-prediction), tiny-xl (SDXL-shaped) or tiny-depth (SD 2 depth-shaped).")] = "tiny",
     as_json: JsonOpt = False,
 ) -> None:
-    """Build an embedded tiny SD- or SDXL-shaped model (deterministic: identical bytes every time)."""
+    """Build an embedded tiny model: SD 1.x-, SD 2.x-, SDXL- or SD 2 depth-shaped (deterministic: identical bytes every time)."""
     from vfx.models import TINY_NAMES, tiny_model_dir
     from vfx.tiny_models import build_tiny
 

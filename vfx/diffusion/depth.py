@@ -24,12 +24,6 @@ from vfx.errors import BadInput
 DEPTH_FLAG = "--depth-model"
 
 
-def needs_depth(unet) -> bool:
-    from vfx.models import DEPTH_CHANNELS
-
-    return int(unet.config.in_channels) == DEPTH_CHANNELS
-
-
 def with_depth(x: torch.Tensor, depth: torch.Tensor | None) -> torch.Tensor:
     """The UNet input: latents [n, 4, h, w] and, for a depth model, their depth maps [n, 1, h, w]."""
     return x if depth is None else torch.cat([x, depth.to(x.device, x.dtype)], dim=1)

@@ -59,7 +59,9 @@ def is_sdxl(pipe) -> bool:
 
 
 def is_sdxl_unet(unet) -> bool:
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+    from vfx.models import family_of_unet
+
+    return family_of_unet(unet.config) == "sdxl"
 
 
 def token_count(tokenizer, prompt: str) -> int:
@@ -67,19 +69,19 @@ def token_count(tokenizer, prompt: str) -> int:
     return len(tokenizer(prompt, truncation=False).input_ids)
 
 
-def _token_ids(tokenizer, prompt: str) -> torch.Tensor:
+def _token_ids(tokenizer, prompt: str, warn: bool = True) -> torch.Tensor:
     """[1, 77] ids of `prompt`. Prompts over the limit are truncated, with a warning naming the limit."""
     limit = tokenizer.model_max_length
     count = token_count(tokenizer, prompt)
-    if count > limit:
+    if count > limit and warn:
         log.warn(f"prompt has {count} tokens; the text encoder reads {limit}, so it is truncated: {prompt[:60]!r}…")
     return tokenizer(prompt, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
 
 
-def micro_conditioning(size: tuple[int, int], rows: int = 1, dtype=torch.float32, device=None) -> torch.Tensor:
-    """SDXL's time ids for frames of pixel `size` (h, w), uncropped: [rows, 6]."""
+def micro_conditioning(size: tuple[int, int], dtype=torch.float32, device=None) -> torch.Tensor:
+    """SDXL's time ids for frames of pixel `size` (h, w), uncropped: [1, 6]."""
     h, w = size
-    return torch.tensor([[h, w, 0, 0, h, w]] * rows, dtype=dtype, device=device)
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=device)
 
 
 def native_pixel_size(pipe) -> tuple[int, int]:
@@ -87,13 +89,17 @@ def native_pixel_size(pipe) -> tuple[int, int]:
     return side, side
 
 
+def text_encoder_names(pipe) -> list[str]:
+    """The pipeline's text encoder attributes, in order: text_encoder (and SDXL's text_encoder_2)."""
+    return ["text_encoder", "text_encoder_2"] if is_sdxl(pipe) else ["text_encoder"]
+
+
 def text_encoders(pipe) -> list:
-    """The pipeline's text encoders, in order (SDXL: two)."""
-    return [pipe.text_encoder, pipe.text_encoder_2] if is_sdxl(pipe) else [pipe.text_encoder]
+    return [getattr(pipe, name) for name in text_encoder_names(pipe)]
 
 
 def tokenizers(pipe) -> list:
-    return [pipe.tokenizer, pipe.tokenizer_2] if is_sdxl(pipe) else [pipe.tokenizer]
+    return [getattr(pipe, name.replace("text_encoder", "tokenizer")) for name in text_encoder_names(pipe)]
 
 
 def encode_tokens(encoders: list, ids: list[torch.Tensor]) -> Conditioning:
@@ -115,7 +121,8 @@ def encode_prompt(pipe, prompt: str, size: tuple[int, int] | None = None, negati
     """One row of conditioning for `prompt`. `size` is the pixel size (h, w) of the frames (SDXL's micro-
     conditioning; default: the model's native size). With `negative`, an empty prompt gives zeros where
     the SDXL pipeline's `force_zeros_for_empty_prompt` says so: its guidance without a negative prompt."""
-    encoded = encode_tokens(text_encoders(pipe), [_token_ids(t, prompt) for t in tokenizers(pipe)])
+    encoded = encode_tokens(text_encoders(pipe), [_token_ids(t, prompt, warn=k == 0)  # one warning for both
+                                                  for k, t in enumerate(tokenizers(pipe))])
     if not is_sdxl(pipe):
         return encoded
     hidden, pooled, dtype = encoded.hidden, encoded.pooled, pipe.unet.dtype

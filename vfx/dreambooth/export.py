@@ -118,22 +118,36 @@ def kohya_metadata(info: dict, name: str, version: str) -> dict[str, str]:
     }
 
 
-def model_folder(weights: TrainedWeights) -> Path:
-    """The pipeline folder of the run's architecture: its own (full) or its base model's (LoRA)."""
+def architecture_folder(weights: TrainedWeights) -> Path | None:
+    """The pipeline folder of the run's architecture: its own (full) or its base model's (LoRA); None
+    for a LoRA trained on a single-file checkpoint."""
     from vfx.models import pipeline_folder, resolve_model
 
     return weights.folder if weights.mode == "full" else pipeline_folder(resolve_model(weights.base_spec))
 
 
 def base_family(weights: TrainedWeights) -> str:
-    from vfx.models import family_of_unet
+    from vfx.models import family_of_unet, model_family, resolve_model
 
-    return family_of_unet(config(model_folder(weights) / "unet"))
+    folder = architecture_folder(weights)
+    if folder is None:
+        return model_family(resolve_model(weights.base_spec))  # a single file: from its tensor names
+    return family_of_unet(config(folder / "unet"))
 
 
 def is_v2(weights: TrainedWeights) -> bool:
-    """SD 2.x uses OpenCLIP (gelu); SD 1.x uses OpenAI CLIP (quick_gelu)."""
-    path = model_folder(weights) / "text_encoder" / "config.json"
+    """SD 2.x uses OpenCLIP (gelu; in a single file, under `cond_stage_model.model.`); SD 1.x uses OpenAI
+    CLIP (quick_gelu)."""
+    from vfx.models import checkpoint_header, resolve_model
+
+    folder = architecture_folder(weights)
+    if folder is None:
+        location = Path(resolve_model(weights.base_spec).location)
+        if location.suffix != ".safetensors":
+            return False
+        with checkpoint_header(location) as header:
+            return any(key.startswith("cond_stage_model.model.") for key in header.keys())
+    path = folder / "text_encoder" / "config.json"
     return path.is_file() and json.loads(path.read_text()).get("hidden_act") == "gelu"
 
 

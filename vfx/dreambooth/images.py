@@ -89,7 +89,9 @@ def grid(images: list[np.ndarray], columns: int) -> np.ndarray:
 
 def native_size(pipe) -> int:
     """The model's native image side: the UNet's latent size times the VAE's downsampling factor."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    from vfx.diffusion.text import native_pixel_size
+
+    return native_pixel_size(pipe)[0]
 
 
 def native_resolution(settings) -> int:

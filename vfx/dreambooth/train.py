@@ -34,7 +34,7 @@ from vfx.dreambooth.data import (
     ExampleOrder, ImageSet, check_prompt, describe_photos, files_identity, identifier_problem, list_images,
     photo_warnings, read_images, run_folder,
 )
-from vfx.diffusion.text import is_sdxl, text_encoders, tokenizers
+from vfx.diffusion.text import is_sdxl, text_encoder_names, text_encoders, tokenizers
 from vfx.dreambooth.encoding import Latents, PromptConditioning
 from vfx.dreambooth.tracking import METRICS, Metrics, eval_loss, eval_set, validate
 from vfx.dreambooth.images import native_resolution
@@ -152,13 +152,16 @@ def changed_options(saved: dict, current: dict) -> list[str]:
 # ---------------------------------------------------------------- model set-up
 
 
-def make_accelerator(cfg: TrainConfig, device: torch.device):
-    from accelerate import Accelerator
+def make_accelerator(cfg: TrainConfig, device: torch.device, unused_parameters: bool = False):
+    """`unused_parameters`: some trained parameters get no gradient (SDXL reads its first text encoder's
+    penultimate layer, so that encoder's last layer is never used), which DDP must be told."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
     # Several trainings in one process (tests, notebooks) may differ in precision; the process group stays.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused_parameters else []
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu", kwargs_handlers=handlers)
 
 
 def seed_everything(seed: int) -> None:
@@ -169,15 +172,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def encoder_names(pipe) -> list[str]:
-    """The pipeline attributes of its text encoders: text_encoder (and SDXL's text_encoder_2)."""
-    return ["text_encoder", "text_encoder_2"] if is_sdxl(pipe) else ["text_encoder"]
-
-
 def set_trainable(pipe, cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str, torch.nn.Parameter]:
     """Freeze what is not trained, add LoRA layers when asked; returns the trained parameters by name
     ("unet.…", "text_encoder.…", SDXL's "text_encoder_2.…")."""
-    unet, encoders = pipe.unet, {name: getattr(pipe, name) for name in encoder_names(pipe)}
+    unet, encoders = pipe.unet, {name: getattr(pipe, name) for name in text_encoder_names(pipe)}
     pipe.vae.requires_grad_(False)
     unet.requires_grad_(cfg.mode == "full")
     for text_encoder in encoders.values():
@@ -319,7 +317,8 @@ class Trainer:
         self.run_dir, self.resume_from = run.path.parent, resume_from
         self.ckpt_root = self.run_dir / "checkpoints"
         resume_state = checkpoint.read_state(resume_from) if resume_from else None
-        self.accelerator = make_accelerator(cfg, settings.device)
+        self.accelerator = make_accelerator(cfg, settings.device,
+                                            unused_parameters=cfg.train_text_encoder and settings.family == "sdxl")
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.main = self.accelerator.is_main_process
         if not self.main:
@@ -502,11 +501,12 @@ class Trainer:
         inst_idx = self.instance_order.take(n_inst * self.world)[mine]
         cls_idx = self.class_order.take(n_inst * self.world)[mine] if self.class_order else []
         latents, crops = self.instances.sample(inst_idx, generator)
-        time_ids = [self.instances.time_ids(inst_idx, crops)]
+        time_ids = [self.instances.time_ids(inst_idx, crops)] if self.sdxl else None
         if self.classes is not None:
             class_latents, class_crops = self.classes.sample(cls_idx, generator)
             latents = torch.cat([latents, class_latents])
-            time_ids.append(self.classes.time_ids(cls_idx, class_crops))
+            if self.sdxl:
+                time_ids.append(self.classes.time_ids(cls_idx, class_crops))
         noise = draw_noise(tuple(latents.shape), generator, self.cfg.offset_noise).to(latents.device)
         timesteps = draw_timesteps(len(latents), self.num_timesteps, generator).to(latents.device)
         time_ids = torch.cat(time_ids).to(latents.device) if self.sdxl else None

@@ -23,8 +23,8 @@ INFO_FILE = "dreambooth.json"
 
 def save_lora(folder: Path, unet, text_encoders: list | None = None) -> Path:
     """The trained LoRA layers in diffusers' layout, readable by `load_lora_weights` on every maintained
-    stack (SDXL's, with a second text encoder, by StableDiffusionXLPipeline's): the text encoders' keys
-    under `text_encoder.text_model.…` (transformers 4.x names them so, and 5.x reads them), and
+    stack (SDXL's, by StableDiffusionXLPipeline's): the text encoders' keys under `text_encoder.text_model.…`
+    and `text_encoder_2.text_model.…` (transformers 4.x names them so, and 5.x reads them), and
     alpha/rank folded into the up weights, so loaders that assume alpha = rank (diffusers before 0.35,
     which ignore the metadata) give the trained model exactly.
     """
@@ -67,7 +67,9 @@ def with_trained(base_pipe, unet, text_encoders: list):
     safety checker)."""
     from diffusers import StableDiffusionPipeline
 
-    if type(base_pipe).__name__ == "StableDiffusionXLPipeline":
+    from vfx.diffusion.text import is_sdxl
+
+    if is_sdxl(base_pipe):
         parts = {**base_pipe.components, "unet": unet, "text_encoder": text_encoders[0],
                  "text_encoder_2": text_encoders[1]}
         return type(base_pipe)(**parts, force_zeros_for_empty_prompt=base_pipe.config.force_zeros_for_empty_prompt)

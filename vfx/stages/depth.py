@@ -44,7 +44,8 @@ class Depth(Stage):
         out = open_array(self.run.path / ARRAY, mode="r+")
         for first in range(start, end, self.batch_size):
             last = min(first + self.batch_size, end)
-            out[first:last] = depth_maps(self.estimator, self.processor, self.frames[first:last], self.settings.device)
+            out[first:last] = depth_maps(self.estimator, self.processor, self.frames[first:last], self.settings.device,
+                                         VAE_FACTOR)
 
     def parts(self, unit: int) -> list[Part]:
         return [Part(ARRAY, *self.ranges[unit])]

@@ -202,7 +202,7 @@ class Invert(Stage):
         for sub in range(start, end, self.batch_size):
             stop = min(sub + self.batch_size, end)
             x0 = torch.from_numpy(np.asarray(self.latents[sub:stop])).to(self.settings.device, torch.float32)
-            depth = None if self.depth is None else torch.from_numpy(np.asarray(self.depth[sub:stop]))
+            depth = None if self.depth is None else torch.from_numpy(np.asarray(self.depth[sub:stop])).to(x0.device)
             bar.phase("inverting")
             states = invert_latents(unet, self.schedule, x0, self.embedding, self.grid, set(self.saved), bar,
                                     self.iterations, depth)
