@@ -212,3 +212,21 @@ def test_lora_resume_with_both_encoders_equals_an_uninterrupted_run(xl):
     same_steps(step_lines(root, "whole"), step_lines(root, "split"))
     info = json.loads((run_dir(root, "split") / "weights" / "dreambooth.json").read_text())
     assert info["base_model_spec"] == "tiny-xl"
+
+
+@pytest.mark.slow
+def test_two_processes_train_both_encoders(tmp_path):
+    """SDXL reads its first encoder's penultimate layer, so that encoder's last layer gets no gradient:
+    under two processes (torchrun, gloo) DDP must be told, or the second step stops with its error."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    root = make_project(tmp_path / "proj", model="tiny-xl")
+    args = train_args(root, "ddp", make_photos(tmp_path / "photos", 2), "--mode", "lora", "--train-text-encoder",
+                      "--eval-pairs", "0", steps=3)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vfx", *map(str, args)], env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {k.split(".")[0] for k in trained_tensors(root, "ddp")} == {"unet", "text_encoder", "text_encoder_2"}
