@@ -316,6 +316,21 @@ def assert_every_frame_edited(root: Path, count: int) -> None:
     assert (changed > 1e-3).all(), "every frame is denoised"
 
 
+def assert_killed_edit_resumes(root: Path, clean: Path | None = None) -> None:
+    """A 10-step edit `k` SIGKILLed after 3 finished steps resumes from there to the bytes of an
+    uninterrupted edit (`clean`'s edit `k`, or a fresh one here)."""
+    args = ("--prompt", "a red robot", "--steps", "10", "--name")
+    kill_after_markers(vfx_command("edit", root, *args, "k"), root / "edits" / "k", 3)
+    finished = done_markers(root / "edits" / "k")
+    assert 3 <= finished < 10
+    assert ok_json("edit", root, *args, "k")["computed_steps"] == 10 - finished
+    if clean is None:
+        clean = root
+        ok("edit", root, *args, "fresh")
+    assert edited(root, "k").tobytes() == edited(clean, "fresh" if clean is root else "k").tobytes()
+    assert not (root / "edits" / "k" / "work-0.zarr").exists()
+
+
 def edited(root: Path, name: str) -> np.ndarray:
     """The latents of edit `name`."""
     import zarr

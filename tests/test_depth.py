@@ -17,8 +17,9 @@ import zarr
 
 from conftest import EDIT_STEPS as STEPS
 from conftest import (
-    assert_bad, assert_every_frame_edited, assert_static_edit, chunk_files, cli_env, copy_project, done_markers, edited, image_folder, invoke, kill_after_markers, ok,
-    ok_json, run_edit, textured, tiny_pipe, vfx_command, video_project,
+    assert_bad, assert_every_frame_edited, assert_killed_edit_resumes, assert_static_edit, chunk_files, cli_env,
+    copy_project, done_markers, image_folder, invoke, kill_after_markers, ok, ok_json, textured, tiny_pipe,
+    vfx_command, video_project,
 )
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -203,13 +204,7 @@ def test_killed_depth_and_edit_resume_to_identical_bytes_and_shards_equal_one_pr
         assert proc.returncode == 0, err
     assert chunk_files(root / "depth" / "depth.zarr") == chunk_files(clean / "depth" / "depth.zarr")
     ok("invert", root, "--steps", "10", "--save-steps", "10", "--no-reconstruction")
-    command = vfx_command("edit", root, "--prompt", "a red robot", "--steps", "10", "--name", "k")
-    kill_after_markers(command, root / "edits" / "k", 3)
-    finished = done_markers(root / "edits" / "k")
-    assert 3 <= finished < 10
-    result = json.loads(invoke("edit", root, "--prompt", "a red robot", "--steps", "10", "--name", "k", "--json").stdout)
-    assert result["computed_steps"] == 10 - finished
-    assert edited(root, "k").tobytes() == edited(clean, "k").tobytes()
+    assert_killed_edit_resumes(root, clean)
 
 
 def test_run_estimates_depth_for_a_depth_model(tmp_path, gen_video):

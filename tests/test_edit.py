@@ -11,8 +11,8 @@ import zarr
 
 from conftest import EDIT_STEPS as STEPS
 from conftest import (
-    assert_bad, assert_every_frame_edited, assert_static_edit, done_markers, edit_step, edited, inverted, invoke, kill_after_markers, ok, run_edit, textured, tiny_pipe,
-    vfx_command,
+    assert_bad, assert_every_frame_edited, assert_killed_edit_resumes, assert_static_edit, edit_step, edited,
+    inverted, invoke, ok, run_edit, textured, tiny_pipe,
 )
 from vfx.diffusion.attention import Branches, KeyframeCache, Neighbours, find_layers, propagate
 from vfx.diffusion.tokenflow import draw_keyframes, neighbours_by_distance, neighbours_reference
@@ -209,16 +209,7 @@ def test_editor_owns_its_processors_and_refuses_a_foreign_layout():
 @pytest.mark.slow
 def test_killed_edit_resumes_to_identical_bytes(tmp_path):
     frames = [np.roll(textured(64, seed=9), 4 * k, axis=1) for k in range(8)]
-    root = inverted(tmp_path, frames, steps=10)
-    command = vfx_command("edit", root, "--prompt", "a red robot", "--steps", "10", "--name", "k")
-    kill_after_markers(command, root / "edits" / "k", 3)
-    finished = done_markers(root / "edits" / "k")
-    assert 3 <= finished < 10
-    result = invoke("edit", root, "--prompt", "a red robot", "--steps", "10", "--name", "k", "--json")
-    assert json.loads(result.stdout)["computed_steps"] == 10 - finished
-    result = invoke("edit", root, "--prompt", "a red robot", "--steps", "10", "--name", "fresh", "--json")
-    assert edited(root, "k").tobytes() == edited(root, "fresh").tobytes()
-    assert not (root / "edits" / "k" / "work-0.zarr").exists()
+    assert_killed_edit_resumes(inverted(tmp_path, frames, steps=10))
 
 
 def test_bad_edit_inputs(tmp_path, encoded):

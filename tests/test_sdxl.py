@@ -15,8 +15,9 @@ import zarr
 
 from conftest import EDIT_STEPS as STEPS
 from conftest import (
-    assert_bad, assert_every_frame_edited, assert_static_edit, chunk_files, cli_env, copy_project, done_markers, edited, image_folder, invoke, inverted,
-    kill_after_markers, make_lora, ok, ok_json, run_edit, textured, tiny_pipe, vfx_command, video_project,
+    assert_bad, assert_every_frame_edited, assert_killed_edit_resumes, assert_static_edit, chunk_files, cli_env,
+    copy_project, edited, image_folder, inverted, invoke, make_lora, ok, ok_json, run_edit, textured, tiny_pipe,
+    video_project,
 )
 from vfx.diffusion.attention import find_layers
 from vfx.diffusion.text import encode_prompt, is_sdxl
@@ -217,15 +218,7 @@ def test_inversion_round_trip_converges_and_is_evaluated(tmp_path):
 
 @pytest.mark.slow
 def test_killed_edit_resumes_to_identical_bytes(tmp_path):
-    root = xl_inverted(tmp_path, pan(8, 9), steps=10)
-    command = vfx_command("edit", root, "--prompt", "a red robot", "--steps", "10", "--name", "k")
-    kill_after_markers(command, root / "edits" / "k", 3)
-    finished = done_markers(root / "edits" / "k")
-    assert 3 <= finished < 10
-    result = json.loads(invoke("edit", root, "--prompt", "a red robot", "--steps", "10", "--name", "k", "--json").stdout)
-    assert result["computed_steps"] == 10 - finished
-    ok("edit", root, "--prompt", "a red robot", "--steps", "10", "--name", "fresh")
-    assert edited(root, "k").tobytes() == edited(root, "fresh").tobytes()
+    assert_killed_edit_resumes(xl_inverted(tmp_path, pan(8, 9), steps=10))
 
 
 @pytest.mark.slow

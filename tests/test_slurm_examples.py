@@ -33,14 +33,18 @@ def small(tmp_path, gen_video) -> Path:
                          stages=())
 
 
-def test_driver_chains_arrays_sized_by_plan(small, tmp_path):
+def fake_slurm(tmp_path, **extra: str) -> tuple[dict, Path]:
+    """(the environment of a shell with the stand-in `sbatch` and `vfx` first on PATH, its call log)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shutil.copy(REPO / "tests" / "fake_slurm" / "sbatch", bin_dir / "sbatch")
     vfx_shim(bin_dir)
     log = tmp_path / "sbatch.log"
-    env = cli_env() | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log),
-                       "INVERT_ARGS": "--steps 10 --save-steps 5"}
+    return cli_env() | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log), **extra}, log
+
+
+def test_driver_chains_arrays_sized_by_plan(small, tmp_path):
+    env, log = fake_slurm(tmp_path, INVERT_ARGS="--steps 10 --save-steps 5")
     proc = subprocess.run(["bash", str(SLURM / "pipeline.sh"), str(small)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,13 +70,7 @@ def test_driver_chains_arrays_sized_by_plan(small, tmp_path):
 def test_driver_estimates_depth_first_for_a_depth_model(tmp_path, gen_video):
     root = video_project(tmp_path / "proj", gen_video, "--size", "32x32", "--chunk-frames", "4", "--max-frames", "8",
                          "--model", "tiny-depth", stages=())
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    shutil.copy(REPO / "tests" / "fake_slurm" / "sbatch", bin_dir / "sbatch")
-    vfx_shim(bin_dir)
-    log = tmp_path / "sbatch.log"
-    env = cli_env() | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log),
-                       "INVERT_ARGS": "--steps 4 --save-steps 2", "DEPTH": "1"}
+    env, log = fake_slurm(tmp_path, INVERT_ARGS="--steps 4 --save-steps 2", DEPTH="1")
     proc = subprocess.run(["bash", str(SLURM / "pipeline.sh"), str(root)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
