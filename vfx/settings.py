@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ class Settings:
             check_model_config(model_config)
         return cls(project, ref, resolved_device, resolved_dtype, shard_spec, force, model_config)
 
-    @property
+    @cached_property
     def family(self) -> str:
         """sd | sdxl | depth, read from the model's configs (no weights loaded)."""
         from vfx.models import model_family

@@ -114,7 +114,7 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     # Loading reports and progress bars would land on stderr between our own lines.
     from transformers.utils import logging as hf_logging
 
@@ -150,7 +150,7 @@ class Clip:
     def _load(self) -> None:
         from transformers import AutoTokenizer, CLIPModel
 
-        _quiet_transformers()
+        quiet_transformers()
         try:
             self._model = CLIPModel.from_pretrained(str(self.folder)).to(self.device).eval()
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
@@ -205,7 +205,7 @@ class Dino:
                            f"config with image_size; got model_type {config.get('model_type')!r})")
         from transformers import AutoModel
 
-        _quiet_transformers()
+        quiet_transformers()
         try:
             self.model = AutoModel.from_pretrained(str(folder)).to(device).eval()
         except Exception as exc:  # noqa: BLE001

@@ -27,10 +27,9 @@ SizeOpt = Annotated[
 def training_settings(*args, **kwargs):
     """`settings_for`, refusing a depth model: DreamBooth trains and samples text-to-image models."""
     from vfx.errors import BadInput
-    from vfx.models import model_family
 
     settings = settings_for(*args, **kwargs)
-    if model_family(settings.model, settings.model_config) == "depth":
+    if settings.family == "depth":
         raise BadInput(f"{settings.model.spec} is a depth model (its UNet reads a depth map): DreamBooth in vfx "
                        "trains and samples text-to-image models (SD 1.x/2.x, SDXL)")
     return settings

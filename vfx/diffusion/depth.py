@@ -12,7 +12,6 @@ dividing by zero.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,28 +58,17 @@ def resolve_depth_model(model, spec: str | None) -> DepthModelRef:
     return DepthModelRef(folder / "depth_estimator", folder / "feature_extractor", f"{model.identity}/depth_estimator")
 
 
-@contextlib.contextmanager
-def _transformers_quiet():
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-
-
 def load_depth_model(ref: DepthModelRef, device: torch.device):
     """(estimator, image processor); the estimator in float32 (DPT-Hybrid's batch norms do not run in fp16)."""
     from transformers import DPTForDepthEstimation
 
+    from vfx.similarity import quiet_transformers
     from vfx.tiny_models import dpt_image_processor_class
 
+    quiet_transformers()
     try:
-        with _transformers_quiet():
-            estimator = DPTForDepthEstimation.from_pretrained(str(ref.estimator), local_files_only=True)
-            processor = dpt_image_processor_class().from_pretrained(str(ref.processor), local_files_only=True)
+        estimator = DPTForDepthEstimation.from_pretrained(str(ref.estimator), local_files_only=True)
+        processor = dpt_image_processor_class().from_pretrained(str(ref.processor), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a folder that is not a DPT
         raise BadInput(f"could not load a DPT depth model from {ref.estimator}: {type(exc).__name__}: {exc}") from None
     return estimator.to(device, torch.float32).eval(), processor

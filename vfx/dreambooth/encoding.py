@@ -94,9 +94,15 @@ class PromptConditioning:
         with torch.set_grad_enabled(self.trained and torch.is_grad_enabled()):
             return encode_tokens(encoders or self.text_encoders, ids)
 
-    def batch(self, counts: list[int], encoders: list | None = None) -> Conditioning:
+    def batch(self, counts: list[int], encoders: list | None = None, time_ids: torch.Tensor | None = None
+              ) -> Conditioning:
+        """`counts[k]` rows of prompt k, in order, with these examples' SDXL `time_ids` (which the UNet
+        call gets only from an SDXL model's conditioning: one with pooled embeddings)."""
         if self.cached is not None:
-            return Conditioning.cat([c.repeat(n) for c, n in zip(self.cached, counts) if n])
-        ids = [torch.cat([prompt[k].expand(n, -1) for prompt, n in zip(self.ids, counts) if n])
-               for k in range(len(self.ids[0]))]
-        return self.encode(ids, encoders)
+            cond = Conditioning.cat([c.repeat(n) for c, n in zip(self.cached, counts) if n])
+        else:
+            ids = [torch.cat([prompt[k].expand(n, -1) for prompt, n in zip(self.ids, counts) if n])
+                   for k in range(len(self.ids[0]))]
+            cond = self.encode(ids, encoders)
+        cond.time_ids = time_ids
+        return cond

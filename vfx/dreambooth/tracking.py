@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vfx.diffusion.text import is_sdxl_unet
 from vfx.fsutil import atomic_write_text
 from vfx.dreambooth import checkpoint
 from vfx.dreambooth.config import TrainConfig
@@ -38,15 +37,13 @@ def eval_loss(unet, conditioning: PromptConditioning, text_encoders: list, noise
               autocast=contextlib.nullcontext) -> float:
     """Mean instance MSE over the fixed evaluation set (eval mode, no dropout)."""
     clean, noise, steps, time_ids = fixed
-    sdxl = is_sdxl_unet(unet)
     with evaluating(unet, *text_encoders):
         total = 0.0
         with autocast():
             for start in range(0, len(clean), 8):
                 rows = slice(start, start + 8)
                 x0, eps, t = clean[rows], noise[rows], steps[rows]
-                cond = conditioning.batch([len(x0), 0], text_encoders)
-                cond.time_ids = time_ids[rows] if sdxl else None
+                cond = conditioning.batch([len(x0), 0], text_encoders, time_ids[rows])
                 pred = unet(noise_scheduler.add_noise(x0, eps, t), t, **cond.unet_kwargs()).sample
                 target = prediction_target(noise_scheduler, x0, eps, t)
                 total += float(((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).sum())

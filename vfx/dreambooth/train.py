@@ -517,8 +517,7 @@ class Trainer:
         the whole batch's; returns (loss, instance term, prior term) of the micro-batch."""
         cfg, scheduler = self.cfg, self.noise_scheduler
         noisy = scheduler.add_noise(part.latents, part.noise, part.timesteps)
-        cond = self.conditioning.batch([part.n_inst, part.n_cls], self.text_encoders)
-        cond.time_ids = part.time_ids
+        cond = self.conditioning.batch([part.n_inst, part.n_cls], self.text_encoders, part.time_ids)
         pred = self.unet(noisy, part.timesteps, **cond.unet_kwargs()).sample
         target = prediction_target(scheduler, part.latents, part.noise, part.timesteps)
         weights = snr_weights(scheduler, part.timesteps, cfg.snr_gamma) if cfg.snr_gamma else None
