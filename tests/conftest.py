@@ -78,6 +78,15 @@ def vfx_command(*args) -> list[str]:
     return [sys.executable, "-m", "vfx", *map(str, args)]
 
 
+def run_shards(command: list, count: int = 2, timeout: float = 300) -> None:
+    """`COMMAND --shard K/count` for every K at once, in subprocesses; every one must exit 0."""
+    procs = [subprocess.Popen([*map(str, command), "--shard", f"{k}/{count}"], env=cli_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k in range(count)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m vfx ARGS` in a subprocess (the real entry point, exit codes and all)."""
     proc = subprocess.run(vfx_command(*args), capture_output=True, text=True, env=cli_env(**(env or {})), cwd=cwd)

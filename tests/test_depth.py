@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,9 +15,9 @@ import zarr
 
 from conftest import EDIT_STEPS as STEPS
 from conftest import (
-    assert_bad, assert_every_frame_edited, assert_killed_edit_resumes, assert_static_edit, chunk_files, cli_env,
-    copy_project, done_markers, image_folder, invoke, kill_after_markers, ok, ok_json, textured, tiny_pipe,
-    vfx_command, video_project,
+    assert_bad, assert_every_frame_edited, assert_killed_edit_resumes, assert_static_edit, chunk_files,
+    copy_project, done_markers, image_folder, invoke, kill_after_markers, ok, ok_json, run_shards, textured,
+    tiny_pipe, vfx_command, video_project,
 )
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -197,11 +195,7 @@ def test_killed_depth_and_edit_resume_to_identical_bytes_and_shards_equal_one_pr
     for _ in range(3):
         kill_after_markers(command, root / "depth", done_markers(root / "depth") + rng.randint(0, 2), timeout=120,
                            jitter=rng.uniform(0, 0.05))
-    procs = [subprocess.Popen(command + ["--shard", f"{k}/2"], env=cli_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for k in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
+    run_shards(command)
     assert chunk_files(root / "depth" / "depth.zarr") == chunk_files(clean / "depth" / "depth.zarr")
     ok("invert", root, "--steps", "10", "--save-steps", "10", "--no-reconstruction")
     assert_killed_edit_resumes(root, clean)

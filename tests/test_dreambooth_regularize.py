@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import cli_env, invoke, ok, run_cli, vfx_command
+from conftest import invoke, ok, run_cli, run_shards, vfx_command
 from dreambooth_helpers import CLASS_PROMPT, file_states, make_project
 from vfx.dreambooth.images import png_meta
 
@@ -74,15 +74,10 @@ def test_changed_prompt_or_model_regenerates(project):
 
 @pytest.mark.slow
 def test_two_concurrent_shards_make_the_same_images_as_one_process(project, tmp_path):
-    import subprocess
-
+    
     args = ["regularize", str(project), "--name", "prior", "--class-prompt", CLASS_PROMPT, "--num-images", "4",
             "--steps", "2", "--batch-size", "1"]
-    procs = [subprocess.Popen(vfx_command(*args, "--shard", f"{k}/2"), env=cli_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
+    run_shards(vfx_command(*args))
     single = make_project(tmp_path / "single")
     ok("regularize", single, "--name", "prior", "--class-prompt", CLASS_PROMPT, "--num-images", "4",
        "--steps", "2", "--batch-size", "1")

@@ -10,15 +10,14 @@ import errno
 import json
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import (
-    assert_bad, chunk_files, cli_env, copy_project, done_markers, invoke, kill_after_markers, ok, ok_json, snapshot, status_rows,
-    video_project,
+    assert_bad, chunk_files, copy_project, done_markers, invoke, kill_after_markers, ok, ok_json, run_shards,
+    snapshot, status_rows, video_project,
 )
 
 # stage -> (folder, arrays compared, CLI arguments after the project directory)
@@ -59,14 +58,6 @@ def kill_command_at_random_point(command: list[str], folder: Path, rng: random.R
     kill_after_markers(command, folder, target, timeout=120, jitter=rng.uniform(0, 0.05))
 
 
-def run_shards(stage: str, root: Path, count: int) -> None:
-    procs = [subprocess.Popen(vfx(stage, root, "--shard", f"{k}/{count}"), env=cli_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for k in range(count)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-
-
 def assert_same_arrays(stage: str, root: Path, reference: Path) -> None:
     folder, arrays, _ = STAGES[stage]
     for array in arrays:
@@ -81,7 +72,7 @@ def test_random_kills_then_concurrent_shards_give_identical_bytes(stage, referen
     rng = random.Random(f"{stage}-campaign")
     for _ in range(3):
         kill_at_random_point(stage, root, rng)
-    run_shards(stage, root, 2)
+    run_shards(vfx(stage, root), 2)
     assert_same_arrays(stage, root, reference)
     record = json.loads((root / STAGES[stage][0] / "stage.json").read_text())
     assert record["state"] == "complete"
@@ -212,11 +203,7 @@ def test_random_kills_then_shards_for_image_and_metric_stages(stage, reference, 
     rng = random.Random(f"{stage}-campaign")
     for _ in range(3):
         kill_command_at_random_point(command, root / folder, rng)
-    procs = [subprocess.Popen(command + ["--shard", f"{k}/2"], env=cli_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for k in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
+    run_shards(command)
     files = lambda base: {p.relative_to(base): p.read_bytes() for p in sorted(base.glob(pattern))}  # noqa: E731
     assert files(clean / folder) and files(root / folder) == files(clean / folder)
     assert json.loads((root / folder / "stage.json").read_text())["state"] == "complete"

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import cv2
 import numpy as np
 import pytest
-from conftest import (
-    DOG_PHOTOS, cli_env, invoke, ok, pan, project_of, require_shared, run_cli, textured, vfx_command,
-)
+from conftest import DOG_PHOTOS, invoke, ok, pan, project_of, require_shared, run_cli, run_shards, textured, vfx_command
 
 from vfx import opticalflow as F
 from vfx.store import open_array
@@ -125,12 +122,7 @@ def test_shards_in_parallel_equal_one_process(project, gen_video, tmp_path):
     ok("extract", single)
     ok("flow", single)
 
-    procs = [subprocess.Popen(vfx_command("flow", project, "--shard", f"{k}/2"), env=cli_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for k in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err.decode()
+    run_shards(vfx_command("flow", project), timeout=120)
     record = json.loads((project / "flow" / "stage.json").read_text())
     assert record["state"] == "complete" and record["params"]["method"] == "opencv-dis"
     assert record["params"]["preset"] == "medium" and record["inputs"] == {"frames/frames.zarr": json.loads(

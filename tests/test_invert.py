@@ -4,15 +4,15 @@ fixed-point inversion, the reconstruction grid, shards, bad input."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from conftest import chunk_files, cli_env, copy_project, image_folder, invoke, textured, tiny_pipe, video_project
+from conftest import (
+    chunk_files, copy_project, image_folder, invoke, run_shards, textured, tiny_pipe, vfx_command, video_project,
+)
 
 
 @pytest.fixture(params=["tiny", "tiny-v"])
@@ -118,10 +118,7 @@ def test_concurrent_shards_equal_one_process(encoded, tmp_path):
     args = ["--steps", "10", "--save-steps", "5"]
     assert invoke("invert", encoded, *args).exit_code == 0
     sharded = copy_project(encoded, tmp_path / "sharded", ("frames", "latents"))
-    procs = [subprocess.Popen([sys.executable, "-m", "vfx", "invert", str(sharded), *args, "--shard", f"{k}/2"],
-                              env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for k in range(2)]
-    for proc in procs:
-        assert proc.wait(timeout=300) == 0
+    run_shards(vfx_command("invert", sharded, *args))
     for array in ("trajectory.zarr", "reconstruction_latents.zarr", "reconstruction.zarr"):
         assert chunk_files(sharded / "inversion" / array) == chunk_files(encoded / "inversion" / array), array
     record = json.loads((sharded / "inversion" / "stage.json").read_text())

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,9 +13,9 @@ import zarr
 
 from conftest import EDIT_STEPS as STEPS
 from conftest import (
-    assert_bad, assert_every_frame_edited, assert_killed_edit_resumes, assert_static_edit, chunk_files, cli_env,
-    copy_project, edited, image_folder, inverted, invoke, make_lora, ok, ok_json, run_edit, textured, tiny_pipe,
-    video_project,
+    assert_bad, assert_every_frame_edited, assert_killed_edit_resumes, assert_static_edit, chunk_files,
+    copy_project, edited, image_folder, inverted, invoke, make_lora, ok, ok_json, run_edit, run_shards,
+    textured, tiny_pipe, vfx_command, video_project,
 )
 from vfx.diffusion.attention import find_layers
 from vfx.diffusion.text import encode_prompt, is_sdxl
@@ -229,10 +227,7 @@ def test_concurrent_invert_shards_equal_one_process(tmp_path):
     sharded = copy_project(root, tmp_path / "sharded", ("frames", "latents"))
     args = ["--steps", "10", "--save-steps", "5"]
     ok("invert", root, *args)
-    procs = [subprocess.Popen([sys.executable, "-m", "vfx", "invert", str(sharded), *args, "--shard", f"{k}/2"],
-                              env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for k in range(2)]
-    for proc in procs:
-        assert proc.wait(timeout=300) == 0
+    run_shards(vfx_command("invert", sharded, *args))
     for array in ("trajectory.zarr", "reconstruction_latents.zarr", "reconstruction.zarr"):
         assert chunk_files(sharded / "inversion" / array) == chunk_files(root / "inversion" / array), array
 

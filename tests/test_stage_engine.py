@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import (
-    chunk_files, cli_env, copy_project, kill_after_markers, ok, ok_json, run_cli, vfx_command, video_project,
+    chunk_files, cli_env, copy_project, kill_after_markers, ok, ok_json, run_cli, run_shards, vfx_command,
+    video_project,
 )
 from vfx.errors import BadInput
 from vfx.stage import Shard
@@ -40,14 +41,7 @@ def test_bad_shard_specs(spec):
 
 def test_concurrent_shards_equal_one_process(encoded, tmp_path):
     sharded = copy_project(encoded, tmp_path / "sharded", ("frames",))
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "vfx", "encode", str(sharded), "--shard", f"{k}/2"], env=cli_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for k in range(2)
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
+    run_shards(vfx_command("encode", sharded))
     assert (sharded / "latents" / "stage.json").exists()
     assert json.loads((sharded / "latents" / "stage.json").read_text())["state"] == "complete"
     assert chunk_files(sharded / "latents" / "latents.zarr") == chunk_files(encoded / "latents" / "latents.zarr")
@@ -93,10 +87,7 @@ def test_sigkill_then_resume_recomputes_only_unfinished(tmp_path, gen_video):
 def test_concurrent_array_creation_is_safe(encoded, tmp_path):
     """Four processes start the same stage at once: one creates the array, all finish, no chunk is lost."""
     fresh = copy_project(encoded, tmp_path / "race", ("frames",))
-    procs = [subprocess.Popen([sys.executable, "-m", "vfx", "encode", str(fresh), "--shard", f"{k}/4"], env=cli_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for k in range(4)]
-    for proc in procs:
-        assert proc.wait(timeout=300) == 0
+    run_shards(vfx_command("encode", fresh), count=4)
     assert chunk_files(fresh / "latents" / "latents.zarr") == chunk_files(encoded / "latents" / "latents.zarr")
     assert ok_json("encode", fresh)["up_to_date"] is True
 
