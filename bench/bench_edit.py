@@ -18,7 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import in_child, make_project, peak_rss_mb, settings, table, timed, unet_seconds_per_frame, entry  # noqa: E402
 
 COUNTS = (16, 64, 256)
-STEPS, FRAME_BATCH = 4, 8
+STEPS = 4
+
+
+def frame_batch() -> int:
+    """The edit's default propagation batch: both methods run UNet calls of its size."""
+    from vfx.stages.edit_config import EditConfig
+
+    return EditConfig("", "").frame_batch
 
 
 def naive_pnp(s, prompt: str) -> int:
@@ -38,12 +45,12 @@ def naive_pnp(s, prompt: str) -> int:
     timesteps = schedule.timesteps(STEPS)
     frames = trajectory.shape[1]
     embeddings = Embeddings(encode_prompt(pipe, ""), encode_prompt(pipe, ""), encode_prompt(pipe, prompt))
-    editor = TokenFlowEditor(pipe.unet, schedule, embeddings, 7.5, "distance", 8, s.device, FRAME_BATCH)
+    editor = TokenFlowEditor(pipe.unet, schedule, embeddings, 7.5, "distance", 8, s.device, frame_batch())
     latents = np.asarray(trajectory[saved.index(timesteps[0])])
     with editor.hooked(), torch.no_grad():  # the per-frame processors go on once, for every call
         for i, t in enumerate(timesteps):
             prev = timesteps[i + 1] if i + 1 < STEPS else None
-            for start, end in chunk_ranges(frames, FRAME_BATCH):
+            for start, end in chunk_ranges(frames, frame_batch()):
                 x = torch.from_numpy(latents[start:end])
                 source = torch.from_numpy(np.asarray(trajectory[saved.index(t), start:end]))
                 guided = editor.plain_call(source, x, t, inject_attention=True, inject_conv=True)
@@ -61,11 +68,11 @@ def worker(config: dict) -> dict:
     s = settings(make_project(frames, model=config.get("model", "tiny")))
     encode(s, 8)
     invert(s, STEPS, STEPS, "", 8, False)
-    per_frame = unet_seconds_per_frame(s.pipeline(), 3 * FRAME_BATCH, 64)
+    per_frame = unet_seconds_per_frame(s.pipeline(), 3 * frame_batch(), 64)
     if config["method"] == "naive":
         seconds, evaluations = timed(naive_pnp, s, "a red robot")
     else:
-        seconds, result = timed(edit, s, EditConfig("a red robot", "bench", steps=STEPS, frame_batch=FRAME_BATCH))
+        seconds, result = timed(edit, s, EditConfig("a red robot", "bench", steps=STEPS))
         evaluations = result["unet_frame_evaluations"]
     assert evaluations == 3 * frames * STEPS
     return {"seconds": seconds, "overhead": seconds / (evaluations * per_frame), "rss_mb": peak_rss_mb()}

@@ -224,13 +224,18 @@ def model_family(ref: ModelRef, model_config: str | None = None) -> str:
 _warned_tiny = False
 
 
+def _note_tiny(ref: ModelRef) -> None:
+    global _warned_tiny
+    if ref.is_tiny and not _warned_tiny:
+        log.note("using the embedded tiny model: its outputs are not meaningful images")
+        _warned_tiny = True
+
+
 def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model_config: str | None = None):
     """The model's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline or, without its depth
     estimator, StableDiffusionDepth2ImgPipeline: told by its config) on `device`; the VAE stays fp32
     (fp16 VAEs are known to overflow)."""
     import diffusers
-
-    global _warned_tiny
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
@@ -239,10 +244,8 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model
     # A depth model's estimator is not loaded here: `vfx depth` runs it, on its own.
     extra = {"sd": {"safety_checker": None, "requires_safety_checker": False},
              "depth": {"depth_estimator": None, "feature_extractor": None}}.get(family, {})
+    _note_tiny(ref)
     if ref.is_tiny:
-        if not _warned_tiny:
-            log.note("using the embedded tiny model: its outputs are not meaningful images")
-            _warned_tiny = True
         pipe = pipeline_class.from_pretrained(tiny_model_dir(ref.location), local_files_only=True, **extra)
     elif ref.kind in {"folder", "hub"}:
         try:
@@ -272,6 +275,24 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model
             encoder.to(dtype)
     pipe.vae.to(torch.float32)
     return pipe
+
+
+def load_vae(ref: ModelRef, device: torch.device):
+    """The model's VAE alone, fp32 on `device`, as its pipeline would load it (the class its
+    model_index.json names), without importing the pipeline and its text encoders: the stages that
+    only encode or decode start seconds sooner. None for a single-file checkpoint (its VAE is inside)."""
+    folder = pipeline_folder(ref)
+    if folder is None:
+        return None
+    import diffusers
+
+    _note_tiny(ref)
+    try:
+        _, class_name = json.loads((folder / "model_index.json").read_text())["vae"]
+        vae = getattr(diffusers, class_name).from_pretrained(folder, subfolder="vae", local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a folder it cannot read
+        raise BadInput(f"could not load the VAE of the model at {folder}: {type(exc).__name__}: {exc}") from None
+    return vae.to(device, torch.float32).eval()
 
 
 def native_size(ref: ModelRef) -> int | None:

@@ -12,7 +12,7 @@ import torch
 from vfx import log
 from vfx.distributed import local_device
 from vfx.errors import BadInput
-from vfx.models import ModelRef, load_pipeline, resolve_model, scheduler_config
+from vfx.models import ModelRef, load_pipeline, load_vae, resolve_model, scheduler_config
 from vfx.project import Project
 from vfx.runtime import dtype_name, resolve_device, resolve_dtype
 from vfx.stage import Shard
@@ -79,6 +79,15 @@ class Settings:
             with log.err.status("loading model"):
                 self._pipe = load_pipeline(self.model, self.device, self.dtype, self.model_config)
         return self._pipe
+
+    def vae(self):
+        """The model's VAE (fp32): the loaded pipeline's, or loaded alone when that is possible."""
+        if self._pipe is None:
+            with log.err.status("loading the VAE"):
+                vae = load_vae(self.model, self.device)
+            if vae is not None:
+                return vae
+        return self.pipeline().vae
 
     def schedule(self):
         """The model's noise schedule, read from its scheduler config without loading weights where it can."""

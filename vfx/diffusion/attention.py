@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from vfx.diffusion.cross_attention import merge_heads, shared_text_processors, split_heads
+
 
 @dataclass
 class Neighbours:
@@ -142,19 +144,13 @@ class ProcessorContext:
         self.call.branches.check(hidden)
         return self.call
 
+    def branch_count(self) -> int | None:
+        """The number of branches of the call under way (each reads one prompt), None between calls."""
+        return None if self.call is None else len(self.call.branches.ORDER)
+
     def count(self, kind: str, injected: bool) -> bool:
         self.injections[kind] += int(injected)
         return injected
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, length, channels = x.shape
-    return x.view(batch, length, heads, channels // heads).transpose(1, 2)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    batch, heads, length, dim = x.shape
-    return x.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
 def self_attention(attn, hidden: torch.Tensor, branches: Branches, inject: bool, extended: bool,
@@ -172,23 +168,24 @@ def self_attention(attn, hidden: torch.Tensor, branches: Branches, inject: bool,
         k = torch.cat([k[:n]] * 3)
     heads = attn.heads
     if not extended:
-        out = F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads), scale=attn.scale)
-        return attn.to_out[1](attn.to_out[0](_merge(out)))
-    source = F.scaled_dot_product_attention(_heads(q[:n], heads), _heads(k[:n], heads), _heads(v[:n], heads),
-                                            scale=attn.scale)
-    outputs = [_merge(source)]
+        out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
+                                             scale=attn.scale)
+        return attn.to_out[1](attn.to_out[0](merge_heads(out)))
+    source = F.scaled_dot_product_attention(split_heads(q[:n], heads), split_heads(k[:n], heads),
+                                            split_heads(v[:n], heads), scale=attn.scale)
+    outputs = [merge_heads(source)]
     step = query_slice if query_slice > 0 else n
     for branch in (1, 2):
         rows = branches.rows(branch)
         # All keyframes' tokens form one key/value sequence shared by every query of the branch.
-        keys = _heads(k[rows].reshape(1, n * length, -1), heads)
-        values = _heads(v[rows].reshape(1, n * length, -1), heads)
+        keys = split_heads(k[rows].reshape(1, n * length, -1), heads)
+        values = split_heads(v[rows].reshape(1, n * length, -1), heads)
         queries = q[rows].reshape(1, n * length, -1)
         pieces = []
         for start in range(0, n, step):
             chunk = queries[:, start * length : (start + step) * length]
-            pieces.append(F.scaled_dot_product_attention(_heads(chunk, heads), keys, values, scale=attn.scale))
-        outputs.append(_merge(torch.cat(pieces, dim=2)).view(n, length, -1))
+            pieces.append(F.scaled_dot_product_attention(split_heads(chunk, heads), keys, values, scale=attn.scale))
+        outputs.append(merge_heads(torch.cat(pieces, dim=2)).view(n, length, -1))
     return attn.to_out[1](attn.to_out[0](torch.cat(outputs)))
 
 
@@ -290,7 +287,8 @@ class PropagationProcessor:
 def processor_dicts(unet, layers: UNetLayers, context: ProcessorContext, query_slice: int = 0,
                     trace: dict | None = None) -> dict[str, dict]:
     """One full processor dict per pass ("frame", "keyframe", "propagate") for `set_attn_processor`:
-    that pass's processor on every attn1, diffusers' AttnProcessor2_0 on every other attention."""
+    that pass's processor on every attn1, the shared-text processor on every cross-attention (each of
+    the call's branches reads one prompt), diffusers' AttnProcessor2_0 on any other attention."""
     injected = set(layers.injected_attention)
     makers: dict[str, Callable[[str], object]] = {
         "frame": lambda name: FrameAttnProcessor(context, name in injected),
@@ -299,6 +297,7 @@ def processor_dicts(unet, layers: UNetLayers, context: ProcessorContext, query_s
     }
     mine = set(layers.self_attention)
     others = {name: AttnProcessor2_0() for name in unet.attn_processors if name not in mine}
+    others.update(shared_text_processors(unet, context.branch_count))
     return {kind: {**others, **{name: make(name) for name in layers.self_attention}} for kind, make in makers.items()}
 
 

@@ -6,7 +6,8 @@ every other frame then goes through the UNet with its self-attention replaced by
 blended keyframe outputs. The editor alone drives the attention processors: it builds one processor
 dict per pass once, swaps them in per pass, and describes each UNet call (its branch layout, its
 injection switches, its propagation plan) to them. Latents are read and written per chunk through
-callables, so memory does not grow with the number of frames beyond the keyframe cache.
+callables, a bounded slice at a time, so memory does not grow with the number of frames beyond the
+keyframe cache.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ from vfx.diffusion.text import Conditioning
 from vfx.store import chunk_ranges
 
 PROPAGATION_MODES = ("distance", "reference")
+# Latents move between the step and its Zarr buffers in calls of up to this many bytes: a short video's
+# in one call each way, a long one's in slices of this size (each Zarr call costs about a millisecond).
+IO_BYTES = 64 << 20
+
+
+def chunks_per_io(chunk_bytes: int) -> int:
+    """How many consecutive chunks of `chunk_bytes` one read or write of a step moves."""
+    return max(1, IO_BYTES // max(1, chunk_bytes))
 
 
 def draw_keyframes(frames: int, window: int, seed: int, step: int) -> list[int]:
@@ -107,7 +116,7 @@ class TokenFlowEditor:
     at once), and a `trace` dict where propagation records its matched indices per layer (tests)."""
 
     def __init__(self, unet, schedule: Schedule, embeddings: Embeddings, guidance: float, propagation: str,
-                 window: int, device: torch.device, frame_batch: int = 8, control: ControlGuide | None = None,
+                 window: int, device: torch.device, frame_batch: int = 16, control: ControlGuide | None = None,
                  correspondences: FlowCorrespondences | None = None, query_slice: int = 0, trace: dict | None = None):
         self.unet, self.schedule = unet, schedule
         self.embeddings, self.guidance = embeddings, guidance
@@ -252,14 +261,18 @@ class TokenFlowEditor:
                 self._install("propagate")
                 ranges = chunk_ranges(frames, chunk)
                 chunks = range(len(ranges)) if chunks is None else chunks
-                pass_ = _PropagationPass(self, io, frames, ranges, keyframes, keyframe_output, timestep, inject)
+                per_io = chunks_per_io(keyframe_output[0].numel() * 4 * chunk)
+                pass_ = _PropagationPass(self, io, frames, ranges, keyframes, keyframe_output, timestep, inject,
+                                         chunks, per_io)
+                writer = _BlockWriter(io.write, per_io)
                 for count, index in enumerate(chunks):
                     on_phase(f"propagation {count + 1}/{len(chunks)}")
                     start, end = ranges[index]
                     output = pass_.outputs(start, end)
                     result = self.schedule.denoise_step(output, pass_.latents.chunk(index), timestep, prev)
-                    io.write(start, end, result.cpu().numpy())
+                    writer.add(start, end, result.cpu().numpy())
                     pass_.release_through(index)
+                writer.flush()
             finally:
                 cache.clear()
 
@@ -280,16 +293,22 @@ class TokenFlowEditor:
 
 
 class _ChunkRows:
-    """Frames of one stored array as tensors, read a whole chunk at a time and kept until released."""
+    """Frames of one stored array as tensors, read `per_read` whole chunks at a time (within the chunks
+    `span` the step writes; a chunk outside it, alone) and kept until released."""
 
-    def __init__(self, read: Callable[[int, int], np.ndarray], ranges: list[tuple[int, int]], to_tensor):
+    def __init__(self, read: Callable[[int, int], np.ndarray], ranges: list[tuple[int, int]], to_tensor,
+                 span: Sequence[int], per_read: int):
         self.read, self.ranges, self.to_tensor = read, ranges, to_tensor
+        self.span, self.per_read = span, per_read
         self.starts = [start for start, _ in ranges]
         self.held: dict[int, torch.Tensor] = {}
 
     def chunk(self, index: int) -> torch.Tensor:
         if index not in self.held:
-            self.held[index] = self.to_tensor(self.read(*self.ranges[index]))
+            last = min(index + self.per_read, self.span[-1] + 1) if index in self.span else index + 1
+            block = self.to_tensor(self.read(self.ranges[index][0], self.ranges[last - 1][1]))
+            sizes = [end - start for start, end in self.ranges[index:last]]
+            self.held.update(zip(range(index, last), block.split(sizes)))
         return self.held[index]
 
     def frames(self, frames: list[int]) -> torch.Tensor:
@@ -304,16 +323,36 @@ class _ChunkRows:
             del self.held[held]
 
 
+class _BlockWriter:
+    """A step's denoised chunks, written `per_write` consecutive chunks per call."""
+
+    def __init__(self, write: Callable[[int, int, np.ndarray], None], per_write: int):
+        self.write, self.per_write = write, per_write
+        self.pending: list[tuple[int, int, np.ndarray]] = []
+
+    def add(self, start: int, end: int, array: np.ndarray) -> None:
+        if self.pending and (self.pending[-1][1] != start or len(self.pending) == self.per_write):
+            self.flush()
+        self.pending.append((start, end, array))
+
+    def flush(self) -> None:
+        if self.pending:
+            self.write(self.pending[0][0], self.pending[-1][1], np.concatenate([a for _, _, a in self.pending]))
+            self.pending = []
+
+
 class _PropagationPass:
     """The propagation pass of one step, chunk by chunk: each chunk's outputs come from the batches that
     hold its frames (run when first needed, over chunk boundaries) and, with distance propagation, from
-    the keyframe pass for its keyframes. Memory holds a batch and the chunks it touches, not the video."""
+    the keyframe pass for its keyframes. Memory holds a batch and the chunks read with the ones it
+    touches (at most IO_BYTES of them), not the video."""
 
     def __init__(self, editor: TokenFlowEditor, io: StepIO, frames: int, ranges: list[tuple[int, int]],
-                 keyframes: list[int], keyframe_output: torch.Tensor, timestep: int, inject: dict):
+                 keyframes: list[int], keyframe_output: torch.Tensor, timestep: int, inject: dict,
+                 chunks: Sequence[int], per_read: int):
         self.editor, self.io, self.keyframes, self.timestep, self.inject = editor, io, keyframes, timestep, inject
-        self.latents = _ChunkRows(io.read, ranges, editor._tensor)
-        self.source = _ChunkRows(io.read_source, ranges, editor._tensor)
+        self.latents = _ChunkRows(io.read, ranges, editor._tensor, chunks, per_read)
+        self.source = _ChunkRows(io.read_source, ranges, editor._tensor, chunks, per_read)
         self.batches = editor._propagation_batches(frames, keyframes)
         self.batch_of = {frame: b for b, batch in enumerate(self.batches) for frame in batch}
         self.own = {frame: keyframe_output[slot] for slot, frame in enumerate(keyframes)}

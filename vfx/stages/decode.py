@@ -74,7 +74,7 @@ class Decode(Stage):
                             force=settings.force, shard=settings.shard)
 
     def prepare(self) -> None:
-        self.vae = self.settings.pipeline().vae
+        self.vae = self.settings.vae()
 
     def create(self) -> None:
         count, _, h, w = self.latents.shape

@@ -1,7 +1,8 @@
 """`vfx edit`: TokenFlow editing of the inverted video into edits/<name>/latents.zarr.
 
-The loop keeps the current latents in two Zarr buffers (read one, write the other, per chunk), so
-memory holds one chunk plus the keyframe cache, whatever the video length. Each finished step is a
+The loop keeps the current latents in two Zarr buffers (read one, write the other, whole chunks at a
+time, up to tokenflow.IO_BYTES per call), so memory holds that slice plus the keyframe cache, whatever
+the video length. Each finished step is a
 unit of the stage contract: its marker records the keyframes it drew and a checksum of the buffer it
 wrote, so an interrupted edit resumes at the first unfinished step and gives the same bytes as an
 uninterrupted one. Only the latest step's buffer is kept (the one before is overwritten two steps

@@ -51,7 +51,7 @@ class EditConfig:
     propagation: str = "distance"
     keyframes: Path | None = None
     keyframe_batch: int = 0
-    frame_batch: int = 8
+    frame_batch: int = 16
 
     def resolved(self, project_seed: int) -> "EditConfig":
         """Defaults filled in and every value checked (BadInput on the first bad one)."""

@@ -51,7 +51,7 @@ class Encode(Stage):
                             len(self.ranges), force=settings.force, shard=settings.shard)
 
     def prepare(self) -> None:
-        self.vae = self.settings.pipeline().vae
+        self.vae = self.settings.vae()
 
     def create(self) -> None:
         count, height, width, _ = self.frames.shape

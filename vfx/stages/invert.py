@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vfx import log
+from vfx.diffusion.cross_attention import one_text_per_call
 from vfx.diffusion.ddim import Schedule
 from vfx.diffusion.depth import with_depth
 from vfx.diffusion.text import Conditioning, encode_prompt
@@ -195,6 +196,9 @@ class Invert(Stage):
             create_array(path / "reconstruction.zarr", (count, h * 8, w * 8, 3), (chunk, h * 8, w * 8, 3), "uint8",
                          {"kind": "frames"})
 
+    def session(self):
+        return one_text_per_call(self.pipe.unet)  # every call inverts or denoises frames of one prompt
+
     def do_unit(self, unit: int, bar: log.Bar) -> None:
         start, end = self.ranges[unit]
         unet, path = self.pipe.unet, self.run.path
@@ -206,8 +210,8 @@ class Invert(Stage):
             bar.phase("inverting")
             states = invert_latents(unet, self.schedule, x0, self.embedding, self.grid, set(self.saved), bar,
                                     self.iterations, depth)
-            for index, timestep in enumerate(self.saved):
-                trajectory[index, sub:stop] = states[timestep].cpu().numpy()
+            # every saved timestep of these frames in one write (a Zarr call costs about a millisecond)
+            trajectory[:, sub:stop] = torch.stack([states[t] for t in self.saved]).cpu().numpy()
             if self.reconstruction:
                 bar.phase("reconstructing")
                 clean = denoise_latents(unet, self.schedule, states[self.denoising[0]], self.embedding, self.denoising,
