@@ -74,7 +74,8 @@ def unet_eval(unet, latents: torch.Tensor, timestep: int, embedding: Conditionin
     """One UNet call for a batch of latents sharing one prompt's conditioning (and, for a depth model,
     reading their depth maps)."""
     condition = embedding.repeat(latents.shape[0]).unet_kwargs()
-    return unet(with_depth(latents, depth).to(unet.dtype), timestep, **condition).sample.to(latents.dtype)
+    dtype = unet.conv_in.weight.dtype  # what its first layer reads (`unet.dtype` walks every parameter, per call)
+    return unet(with_depth(latents, depth).to(dtype), timestep, **condition).sample.to(latents.dtype)
 
 
 def move_up(schedule: Schedule, start: torch.Tensor, eps: torch.Tensor, current: int | None, target: int) -> torch.Tensor:
