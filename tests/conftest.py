@@ -28,6 +28,10 @@ DOG_PHOTOS = SHARED / "dreambooth" / "dog"
 # What `vfx` sets for itself before anything of the Hub's is imported (vfx.cli.main); in-process tests
 # import huggingface_hub long before a command runs, so the test process sets it at once, as vfx does.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# MKL may round a product differently by where its operands lie in memory (two instances of the same model
+# in one process gave outputs 6e-7 apart); tests that compare bytes must see vfx's arithmetic, not the
+# heap's. Set before torch first runs a BLAS call (docs/project-layout.md, Limits).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
 @pytest.fixture(scope="session", autouse=True)

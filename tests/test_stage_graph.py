@@ -49,6 +49,7 @@ def test_an_up_to_date_stage_loads_no_model(tmp_path, monkeypatch):
     import vfx.settings
 
     monkeypatch.setattr(vfx.settings, "load_pipeline", refuse)
+    monkeypatch.setattr(vfx.settings, "load_vae", refuse)  # encode loads the VAE alone
     for args in (("encode", root), ("invert", root, "--steps", EDIT_STEPS, "--save-steps", EDIT_STEPS,
                                     "--no-reconstruction")):
         assert ok_json(*args)["up_to_date"] is True
