@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from conftest import invoke, ok, snapshot, status_rows
+from vfx.fsutil import read_json
+from vfx.stage import RECORD
 
 OPTIONS = ("--prompt", "a red robot", "--steps", "2")
 STAGES = ["frames", "latents", "inversion", "flow", "decoded/source", "edits/a-red-robot", "decoded/a-red-robot",
           "eval/a-red-robot"]
 
 
-def finished(root) -> dict[str, str]:
-    return {folder: row.get("finished") for folder, row in status_rows(root).items()}
+def finished(root) -> dict[str, float | None]:
+    """When each stage's latest computation started, to the microsecond: `finished` in status has whole
+    seconds, and a tiny stage recomputed within the same second would look untouched."""
+    return {folder: (read_json(root / folder / RECORD) or {}).get("started_unix") if row.get("finished") else None
+            for folder, row in status_rows(root).items()}
 
 
 def test_run_makes_every_stage_and_the_report_then_is_up_to_date(tmp_path, gen_video):
