@@ -25,7 +25,7 @@ def frame_batch() -> int:
     """The edit's default propagation batch: both methods run UNet calls of its size."""
     from vfx.stages.edit_config import EditConfig
 
-    return EditConfig("", "").frame_batch
+    return EditConfig.frame_batch
 
 
 def naive_pnp(s, prompt: str) -> int:
@@ -45,12 +45,13 @@ def naive_pnp(s, prompt: str) -> int:
     timesteps = schedule.timesteps(STEPS)
     frames = trajectory.shape[1]
     embeddings = Embeddings(encode_prompt(pipe, ""), encode_prompt(pipe, ""), encode_prompt(pipe, prompt))
-    editor = TokenFlowEditor(pipe.unet, schedule, embeddings, 7.5, "distance", 8, s.device, frame_batch())
+    batch = frame_batch()
+    editor = TokenFlowEditor(pipe.unet, schedule, embeddings, 7.5, "distance", 8, s.device, batch)
     latents = np.asarray(trajectory[saved.index(timesteps[0])])
     with editor.hooked(), torch.no_grad():  # the per-frame processors go on once, for every call
         for i, t in enumerate(timesteps):
             prev = timesteps[i + 1] if i + 1 < STEPS else None
-            for start, end in chunk_ranges(frames, frame_batch()):
+            for start, end in chunk_ranges(frames, batch):
                 x = torch.from_numpy(latents[start:end])
                 source = torch.from_numpy(np.asarray(trajectory[saved.index(t), start:end]))
                 guided = editor.plain_call(source, x, t, inject_attention=True, inject_conv=True)

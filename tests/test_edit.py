@@ -224,3 +224,43 @@ def test_bad_edit_inputs(tmp_path, encoded):
     bad.write_text("[[0, 20]]")
     assert_bad(invoke("edit", encoded, "--prompt", "x", "--steps", "2", "--keyframes", bad), "shape")
     assert not (encoded / "edits").exists()  # a refused edit writes nothing, not even its folder
+
+
+def test_a_step_moves_its_latents_in_whole_spans_and_the_bytes_do_not_depend_on_it(monkeypatch):
+    """With room for every chunk, a step reads the latents and source once and writes once; with room
+    for one chunk, once per chunk; both write the same bytes."""
+    import vfx.diffusion.tokenflow as tokenflow
+    from vfx.diffusion.ddim import Schedule
+    from vfx.diffusion.text import encode_prompt
+    from vfx.diffusion.tokenflow import Embeddings, StepIO, TokenFlowEditor
+    from vfx.stages.encode import encode_frames
+
+    pipe = tiny_pipe()
+    frames = np.stack([np.roll(textured(64, seed=5), 3 * k, axis=1) for k in range(8)])
+    latents = encode_frames(pipe.vae, frames, torch.device("cpu"), 8)
+    emb = encode_prompt(pipe, "")
+
+    def step(io_bytes: int):
+        monkeypatch.setattr(tokenflow, "IO_BYTES", io_bytes)
+        calls = {"read": 0, "read_source": 0, "write": 0}
+        out = np.zeros_like(latents)
+
+        def counted(name, fn):
+            def wrapped(*args):
+                calls[name] += 1
+                return fn(*args)
+            return wrapped
+
+        io = StepIO(counted("read", lambda s, e: latents[s:e]), lambda idx: latents[idx],
+                    counted("read_source", lambda s, e: latents[s:e]), lambda idx: latents[idx],
+                    counted("write", lambda s, e, a: out.__setitem__(slice(s, e), a)))
+        editor = TokenFlowEditor(pipe.unet, Schedule.from_pipeline(pipe), Embeddings(emb, emb, emb), 7.5,
+                                 "distance", 3, torch.device("cpu"), frame_batch=2)
+        editor.step(io, len(frames), 2, [1, 4, 6], 501, 401)  # 4 chunks of 2 frames, each with a frame to propagate
+        return out, calls
+
+    whole, whole_calls = step(1 << 30)
+    single, single_calls = step(1)
+    assert whole_calls == {"read": 1, "read_source": 1, "write": 1}
+    assert single_calls == {"read": 4, "read_source": 4, "write": 4}
+    assert np.array_equal(whole, single) and np.abs(whole).max() > 0

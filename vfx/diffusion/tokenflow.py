@@ -261,7 +261,7 @@ class TokenFlowEditor:
                 self._install("propagate")
                 ranges = chunk_ranges(frames, chunk)
                 chunks = range(len(ranges)) if chunks is None else chunks
-                per_io = chunks_per_io(keyframe_output[0].numel() * 4 * chunk)
+                per_io = chunks_per_io(keyframe_output[0].numel() * keyframe_output.element_size() * chunk)
                 pass_ = _PropagationPass(self, io, frames, ranges, keyframes, keyframe_output, timestep, inject,
                                          chunks, per_io)
                 writer = _BlockWriter(io.write, per_io)

@@ -2,11 +2,11 @@
 
 The loop keeps the current latents in two Zarr buffers (read one, write the other, whole chunks at a
 time, up to tokenflow.IO_BYTES per call), so memory holds that slice plus the keyframe cache, whatever
-the video length. Each finished step is a
-unit of the stage contract: its marker records the keyframes it drew and a checksum of the buffer it
-wrote, so an interrupted edit resumes at the first unfinished step and gives the same bytes as an
-uninterrupted one. Only the latest step's buffer is kept (the one before is overwritten two steps
-later), so only the latest marker names its parts; once complete, that marker names latents.zarr.
+the video length. Each finished step is a unit of the stage contract: its marker records the keyframes
+it drew and a checksum of the buffer it wrote, so an interrupted edit resumes at the first unfinished
+step and gives the same bytes as an uninterrupted one. Only the latest step's buffer is kept (the one
+before is overwritten two steps later), so only the latest marker names its parts; once complete, that
+marker names latents.zarr.
 
 Variants: `--method sdedit` (start part-way down the schedule, no injection), `--control canny`
 (a ControlNet on edge maps, written to edits/<name>/control.zarr), `--correspondence flow`
