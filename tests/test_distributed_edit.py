@@ -17,7 +17,9 @@ from conftest import cli_env, inverted, invoke, textured
 def test_two_processes_give_the_single_process_bytes(tmp_path):
     frames = [np.roll(textured(64, seed=11), 4 * k, axis=1) for k in range(13)]  # 4 chunks of 4, the last of 1
     root = inverted(tmp_path, frames)
-    args = ["edit", str(root), "--prompt", "a red robot", "--steps", "3", "--batch-size", "4"]
+    # 4 keyframes a step; calls of 6 frames: the keyframes' call takes frames of rank 0's first chunk,
+    # which rank 1 runs too
+    args = ["edit", str(root), "--prompt", "a red robot", "--steps", "3", "--batch-size", "4", "--frame-batch", "6"]
     single = invoke(*args, "--name", "single", "--json")
     assert single.exit_code == 0, single.output
     env = cli_env()
@@ -27,7 +29,7 @@ def test_two_processes_give_the_single_process_bytes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(doc) for doc in proc.stdout.replace("}\n{", "}\x00{").split("\x00") if doc.strip()]
     assert sorted(r["rank"] for r in reports) == [0, 1] and all(r["world_size"] == 2 for r in reports)
-    # Each rank evaluated the keyframes and only its own frames.
+    # Each rank evaluated the keyframes' call and the batches of its own frames.
     assert sum(r["unet_frame_evaluations"] for r in reports) > json.loads(single.stdout)["unet_frame_evaluations"]
     a = np.asarray(zarr.open_array(str(root / "edits" / "single" / "latents.zarr")))
     b = np.asarray(zarr.open_array(str(root / "edits" / "multi" / "latents.zarr")))

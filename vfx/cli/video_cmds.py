@@ -182,7 +182,7 @@ def edit_cmd(
     propagation: Annotated[str, typer.Option(help="distance: blend the two neighbouring keyframes by real distance. reference: the reference implementation's window-centre sigmoid blend of the previous keyframe, for comparison.")] = "distance",
     keyframes: Annotated[Path | None, typer.Option(help="Replay a keyframe schedule (JSON list of lists or .npy, steps x K) instead of drawing one.", show_default=False)] = None,
     keyframe_batch: Annotated[int, typer.Option(help="Keyframes per extended-attention query slice, bounding attention memory (0: all at once).")] = 0,
-    frame_batch: Annotated[int, typer.Option(help="Frames per UNet call in the propagation pass (3 rows each); lower it if memory runs short.")] = 16,
+    frame_batch: Annotated[int, typer.Option(help="Frames per UNet call in the propagation pass (3 rows each; the keyframes' call takes the first of them when the keyframes are fewer); lower it if memory runs short.")] = 16,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,

@@ -1,19 +1,22 @@
 """TokenFlow's attention processors and the PnP feature hook, on diffusers' public APIs.
 
 Every UNet call the editor makes carries [source | uncond | cond], n frames each (`Branches`); the
-editor describes the call under way (`Call`: the layout, the injection switches, the propagation
-plan) on a `ProcessorContext` shared with its processors. Each processor does one thing, and the
-editor swaps them per pass on every self-attention (`attn1`) with `unet.set_attn_processor`:
+editor describes the call under way (`Call`: the layout, the injection switches, the keyframes, the
+propagation plan) on a `ProcessorContext` shared with its processors, and puts the processors of the
+kind of call on every self-attention (`attn1`) with `unet.set_attn_processor`:
 
 - `FrameAttnProcessor`: per-frame attention in every branch (the naive per-frame PnP baseline).
-- `KeyframeAttnProcessor`: extended attention for the keyframe pass. The source branch attends
-  within its own frame; each edit branch attends to the keys/values of all n keyframes at once (one
-  shared K/V sequence through SDPA, no n-fold repetition). The source branch's input tokens and
-  every branch's outputs are cached per layer.
-- `PropagationProcessor`: no attention. Each frame's tokens are matched (cosine similarity of the
-  source branch's input tokens, argmax) to its neighbouring keyframes' tokens, and the output is the
-  matched keyframe outputs blended by the frame's weights. Correspondences given from outside
-  (optical flow) take the place of the matching wherever they are defined.
+- `TokenFlowAttnProcessor`: the TokenFlow passes. The call's first `keyframes` frames of every branch
+  are the step's keyframes: extended attention, where the source branch attends within its own frame
+  and each edit branch attends to the keys/values of all keyframes at once (one shared K/V sequence
+  through SDPA, no repetition); the source branch's input tokens and every branch's outputs are cached
+  per layer. The call's other frames get no attention: each frame's tokens are matched (cosine
+  similarity of the source branch's input tokens, argmax) to its neighbouring keyframes' tokens, and
+  the output is the matched keyframe outputs blended by the frame's weights. Correspondences given from
+  outside (optical flow) take the place of the matching wherever they are defined. A call holds
+  keyframes only (the keyframe pass), other frames only (propagation), or both: within each layer the
+  keyframes' outputs are cached before the other frames read them, so the keyframes can share a call
+  with the first frames they feed.
 
 Plug-and-play injection replaces the edit branches' queries and keys by the source branch's in the
 decoder's self-attentions, and the output of `conv2` of one decoder resnet by the source branch's
@@ -106,7 +109,8 @@ class Call:
     branches: Branches
     inject_attention: bool = False  # PnP q/k injection in the injected self-attentions
     inject_conv: bool = False  # PnP feature injection at the hooked conv
-    neighbours: Neighbours | None = None  # propagation calls: each frame's keyframes and weights
+    keyframes: int = 0  # TokenFlow calls: the first `keyframes` frames of each branch are the step's keyframes
+    neighbours: Neighbours | None = None  # the call's other frames: each one's keyframes and weights
 
 
 @dataclass
@@ -254,46 +258,61 @@ class FrameAttnProcessor:
         return self_attention(attn, hidden_states, call.branches, inject, extended=False)
 
 
-class KeyframeAttnProcessor:
-    """attn1 of the keyframe pass, extended attention: [3K, L, C] -> [3K, L, C]. Caches the source
-    branch's input tokens and every branch's output for propagation; q/k injection as per frame.
-    `query_slice`: keyframes per extended-attention query slice (0: all at once)."""
+def frame_rows(hidden: torch.Tensor, branches: Branches, start: int, stop: int) -> torch.Tensor:
+    """[3n, L, C] -> [3(stop - start), L, C]: frames [start, stop) of every branch, contiguous as a whole
+    call's rows are (on strided rows, MKL's GEMM in the projections rounded differently between two
+    runs of one call: a LoRA at scale 0 stopped giving the base model's bytes)."""
+    if (start, stop) == (0, branches.n):
+        return hidden
+    rows = hidden.view(len(branches.ORDER), branches.n, *hidden.shape[1:])[:, start:stop]
+    return rows.contiguous().view(-1, *hidden.shape[1:])
 
-    def __init__(self, name: str, context: ProcessorContext, injected: bool, query_slice: int = 0):
-        self.name, self.context, self.injected, self.query_slice = name, context, injected, query_slice
+
+def join_frames(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """[3a, L, C] and [3b, L, C] -> [3(a + b), L, C]: every branch's frames of `first`, then of `second`."""
+    branches = len(Branches.ORDER)
+    return torch.cat([first.view(branches, -1, *first.shape[1:]), second.view(branches, -1, *second.shape[1:])],
+                     dim=1).reshape(-1, *first.shape[1:])
+
+
+class TokenFlowAttnProcessor:
+    """attn1 of a TokenFlow call: [3n, L, C] -> [3n, L, C]. The call's first `keyframes` frames per branch
+    get extended attention (q/k injection as per frame) and are cached; the other frames get the matched,
+    blended keyframe outputs by the call's neighbours. `query_slice`: keyframes per extended-attention
+    query slice (0: all at once). With a `trace` dict, records the matches (tests)."""
+
+    def __init__(self, name: str, context: ProcessorContext, injected: bool, query_slice: int = 0,
+                 trace: dict | None = None):
+        self.name, self.context, self.injected = name, context, injected
+        self.query_slice, self.trace = query_slice, trace
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         call = self.context.current(hidden_states)
-        inject = self.context.count("attention", self.injected and call.inject_attention)
-        out = self_attention(attn, hidden_states, call.branches, inject, True, self.query_slice)
-        self.context.cache.store(self.name, hidden_states, out, call.branches)
-        return out
-
-
-class PropagationProcessor:
-    """attn1 of a propagation call, no attention: [3m, L, C] -> [3m, L, C], the matched, blended
-    keyframe outputs by the call's neighbours. With a `trace` dict, records the matches (tests)."""
-
-    def __init__(self, name: str, context: ProcessorContext, trace: dict | None = None):
-        self.name, self.context, self.trace = name, context, trace
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        call = self.context.current(hidden_states)
+        k, n = call.keyframes, call.branches.n
+        keyframe_out = None
+        if k:
+            inject = self.context.count("attention", self.injected and call.inject_attention)
+            rows = frame_rows(hidden_states, call.branches, 0, k)
+            keyframe_out = self_attention(attn, rows, Branches(k), inject, True, self.query_slice)
+            self.context.cache.store(self.name, rows, keyframe_out, Branches(k))
+            if k == n:
+                return keyframe_out
         if call.neighbours is None:
             raise RuntimeError("a propagation call needs its frames' neighbouring keyframes")
-        return propagate(self.context.cache, self.name, hidden_states, call.branches, call.neighbours, self.trace)
+        propagated = propagate(self.context.cache, self.name, frame_rows(hidden_states, call.branches, k, n),
+                               Branches(n - k), call.neighbours, self.trace)
+        return propagated if keyframe_out is None else join_frames(keyframe_out, propagated)
 
 
 def processor_dicts(unet, layers: UNetLayers, context: ProcessorContext, query_slice: int = 0,
                     trace: dict | None = None) -> dict[str, dict]:
-    """One full processor dict per pass ("frame", "keyframe", "propagate") for `set_attn_processor`:
-    that pass's processor on every attn1, the shared-text processor on every cross-attention (each of
+    """One full processor dict per kind of call ("frame", "tokenflow") for `set_attn_processor`:
+    that kind's processor on every attn1, the shared-text processor on every cross-attention (each of
     the call's branches reads one prompt), diffusers' AttnProcessor2_0 on any other attention."""
     injected = set(layers.injected_attention)
     makers: dict[str, Callable[[str], object]] = {
         "frame": lambda name: FrameAttnProcessor(context, name in injected),
-        "keyframe": lambda name: KeyframeAttnProcessor(name, context, name in injected, query_slice),
-        "propagate": lambda name: PropagationProcessor(name, context, trace),
+        "tokenflow": lambda name: TokenFlowAttnProcessor(name, context, name in injected, query_slice, trace),
     }
     mine = set(layers.self_attention)
     others = {name: AttnProcessor2_0() for name in unet.attn_processors if name not in mine}

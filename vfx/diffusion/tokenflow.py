@@ -2,10 +2,11 @@
 
 Per step, every UNet call carries [source | uncond | cond]. A random keyframe is drawn in each
 window of `window` frames; the keyframes go through the UNet together with extended attention;
-every other frame then goes through the UNet with its self-attention replaced by the matched,
-blended keyframe outputs. The editor alone drives the attention processors: it builds one processor
-dict per pass once, swaps them in per pass, and describes each UNet call (its branch layout, its
-injection switches, its propagation plan) to them. Latents are read and written per chunk through
+every other frame goes through the UNet with its self-attention replaced by the matched, blended
+keyframe outputs — the first of them in the keyframes' own call when the keyframes leave room in a
+call of `frame_batch` frames. The editor alone drives the attention processors: it builds one
+processor dict per kind of call once, puts it on, and describes each UNet call (its branch layout,
+its injection switches, its keyframes, its propagation plan) to them. Latents are read and written per chunk through
 callables, a bounded slice at a time, so memory does not grow with the number of frames beyond the
 keyframe cache.
 """
@@ -131,7 +132,7 @@ class TokenFlowEditor:
         self._attn1 = {name: unet.get_submodule(name.removesuffix(".processor")) for name in self.layers.self_attention}
         self._previous: dict | None = None  # the UNet's processors when `hooked` began
         self._hook = None
-        self._installed: str | None = None  # the pass whose processors are on the self-attentions
+        self._installed: str | None = None  # the kind of call whose processors are on the self-attentions
 
     @property
     def injections(self) -> dict[str, int]:
@@ -159,8 +160,8 @@ class TokenFlowEditor:
             self._previous = None
 
     def _install(self, kind: str) -> None:
-        """The processors of pass `kind` ("frame", "keyframe", "propagate") on the self-attentions, if not
-        already. Set module by module: a whole-UNet `set_attn_processor` per pass walks every module."""
+        """The processors of calls of `kind` ("frame", "tokenflow") on the self-attentions, if not already.
+        Set module by module: a whole-UNet `set_attn_processor` per switch walks every module."""
         if self._installed is None:
             self.unet.set_attn_processor(dict(self._processors[kind]))  # it pops from the dict it is given
         elif self._installed != kind:
@@ -169,10 +170,10 @@ class TokenFlowEditor:
         self._installed = kind
 
     def _branches(self, source: torch.Tensor, latents: torch.Tensor, timestep: int, edges: np.ndarray | None, *,
-                  inject_attention: bool, inject_conv: bool, neighbours: Neighbours | None = None,
-                  depth: np.ndarray | None = None) -> torch.Tensor:
-        """One UNet call on [source | uncond | cond], described to the processors as such; returns the guided
-        model output for `latents`. With a ControlNet, `edges` (the frames' edge maps) condition the uncond
+                  inject_attention: bool, inject_conv: bool, keyframes: int = 0,
+                  neighbours: Neighbours | None = None, depth: np.ndarray | None = None) -> torch.Tensor:
+        """One UNet call on [source | uncond | cond], described to the processors as such (the first
+        `keyframes` frames being the step's keyframes); returns the guided model output for `latents`. With a ControlNet, `edges` (the frames' edge maps) condition the uncond
         and cond branches; a depth model reads the frames' `depth` maps in every branch."""
         m = latents.shape[0]
         if source.shape[0] != m:
@@ -184,7 +185,7 @@ class TokenFlowEditor:
         x = x.to(self.dtype)
         condition = Conditioning.cat([e.source.repeat(m), e.uncond.repeat(m), e.cond.repeat(m)])
         extra = self.control.residuals(x, timestep, condition, edges) if self.control is not None else {}
-        self._context.call = Call(Branches(m), inject_attention, inject_conv, neighbours)
+        self._context.call = Call(Branches(m), inject_attention, inject_conv, keyframes, neighbours)
         try:
             out = self.unet(x, timestep, **condition.unet_kwargs(), **extra).sample.float()
         finally:
@@ -234,14 +235,17 @@ class TokenFlowEditor:
             plan.given_b = [maps[(f, keyframes[int(b)])] for f, b in zip(frames, plan.slot_b)]
         return plan
 
-    def _propagation_batches(self, frames: int, keyframes: list[int]) -> list[list[int]]:
-        """The propagation pass's UNet batches: the frames to propagate, in order, `frame_batch` at a time,
-        over the whole video. Batches cross chunk boundaries, so every call is full; the plan depends on
-        nothing but the frames and keyframes, so a rank that owns some chunks runs the same batches (the
-        same bytes) as one process that owns them all."""
+    def _propagation_plan(self, frames: int, keyframes: list[int]) -> tuple[list[int], list[list[int]]]:
+        """The frames to propagate, in order: (those that share the keyframes' UNet call, the batches of
+        `frame_batch` after it). The keyframes' call holds `frame_batch` frames in all when the keyframes
+        leave room, which saves a call per step. Batches cross chunk boundaries, so every call is full;
+        the plan depends on nothing but the frames and keyframes, so a rank that owns some chunks runs
+        the same calls (the same bytes) as one process that owns them all."""
         skip = set(keyframes) if self.propagation == "distance" else set()  # a keyframe's output is its own
         todo = [f for f in range(frames) if f not in skip]
-        return [todo[i : i + self.frame_batch] for i in range(0, len(todo), self.frame_batch)]
+        joined = todo[: max(0, self.frame_batch - len(keyframes))]
+        rest = todo[len(joined):]
+        return joined, [rest[i : i + self.frame_batch] for i in range(0, len(rest), self.frame_batch)]
 
     @torch.no_grad()
     def step(self, io: StepIO, frames: int, chunk: int, keyframes: list[int], timestep: int, prev: int | None,
@@ -256,14 +260,14 @@ class TokenFlowEditor:
             cache.clear()
             try:
                 on_phase("keyframes")
-                self._install("keyframe")
-                keyframe_output = self._keyframe_pass(io, keyframes, timestep, inject)
-                self._install("propagate")
+                self._install("tokenflow")
+                latents = self._tensor(io.read_frames(keyframes))
+                source = self._tensor(io.read_source_frames(keyframes))
                 ranges = chunk_ranges(frames, chunk)
                 chunks = range(len(ranges)) if chunks is None else chunks
-                per_io = chunks_per_io(keyframe_output[0].numel() * keyframe_output.element_size() * chunk)
-                pass_ = _PropagationPass(self, io, frames, ranges, keyframes, keyframe_output, timestep, inject,
-                                         chunks, per_io)
+                per_io = chunks_per_io(latents[0].numel() * latents.element_size() * chunk)
+                pass_ = _PropagationPass(self, io, frames, ranges, keyframes, timestep, inject, chunks, per_io)
+                pass_.run_keyframes(latents, source)
                 writer = _BlockWriter(io.write, per_io)
                 for count, index in enumerate(chunks):
                     on_phase(f"propagation {count + 1}/{len(chunks)}")
@@ -276,20 +280,18 @@ class TokenFlowEditor:
             finally:
                 cache.clear()
 
-    def _keyframe_pass(self, io: StepIO, keyframes: list[int], timestep: int, inject: dict) -> torch.Tensor:
-        """The keyframes through the UNet with extended attention (filling the keyframe cache)."""
-        latents = self._tensor(io.read_frames(keyframes))
-        source = self._tensor(io.read_source_frames(keyframes))
-        return self._branches(source, latents, timestep, self._edges(io, keyframes), depth=self._depth(io, keyframes),
-                              **inject)
-
-    def _propagate_batch(self, io: StepIO, batch: list[int], latents: torch.Tensor, source: torch.Tensor,
-                         keyframes: list[int], timestep: int, inject: dict) -> torch.Tensor:
-        """The guided outputs of the frames of `batch` (their latents and source latents given), with
-        self-attention propagated from the keyframes."""
-        plan = self._with_flow(self._neighbours(batch, keyframes), batch, keyframes, self._flow_maps(batch, keyframes))
-        return self._branches(source, latents, timestep, self._edges(io, batch), neighbours=plan,
-                              depth=self._depth(io, batch), **inject)
+    def _call(self, io: StepIO, keyframes: list[int], lead: int, frames: list[int], latents: torch.Tensor,
+              source: torch.Tensor, timestep: int, inject: dict) -> torch.Tensor:
+        """The guided outputs of one TokenFlow UNet call over `frames` (their latents and source latents
+        given): the first `lead` are the step's keyframes (extended attention, filling the keyframe cache),
+        the others have their self-attention propagated from the keyframes."""
+        others = frames[lead:]
+        plan = None
+        if others:
+            plan = self._with_flow(self._neighbours(others, keyframes), others, keyframes,
+                                   self._flow_maps(others, keyframes))
+        return self._branches(source, latents, timestep, self._edges(io, frames), keyframes=lead, neighbours=plan,
+                              depth=self._depth(io, frames), **inject)
 
 
 class _ChunkRows:
@@ -342,35 +344,46 @@ class _BlockWriter:
 
 
 class _PropagationPass:
-    """The propagation pass of one step, chunk by chunk: each chunk's outputs come from the batches that
-    hold its frames (run when first needed, over chunk boundaries) and, with distance propagation, from
-    the keyframe pass for its keyframes. Memory holds a batch and the chunks read with the ones it
-    touches (at most IO_BYTES of them), not the video."""
+    """The propagation pass of one step, chunk by chunk: each chunk's outputs come from the calls that
+    hold its frames (the keyframes' call, else a batch run when first needed, over chunk boundaries)
+    and, with distance propagation, from the keyframes' own outputs. Memory holds a batch and the
+    chunks read with the ones it touches (at most IO_BYTES of them), not the video."""
 
     def __init__(self, editor: TokenFlowEditor, io: StepIO, frames: int, ranges: list[tuple[int, int]],
-                 keyframes: list[int], keyframe_output: torch.Tensor, timestep: int, inject: dict,
-                 chunks: Sequence[int], per_read: int):
+                 keyframes: list[int], timestep: int, inject: dict, chunks: Sequence[int], per_read: int):
         self.editor, self.io, self.keyframes, self.timestep, self.inject = editor, io, keyframes, timestep, inject
         self.latents = _ChunkRows(io.read, ranges, editor._tensor, chunks, per_read)
         self.source = _ChunkRows(io.read_source, ranges, editor._tensor, chunks, per_read)
-        self.batches = editor._propagation_batches(frames, keyframes)
+        self.joined, self.batches = editor._propagation_plan(frames, keyframes)
         self.batch_of = {frame: b for b, batch in enumerate(self.batches) for frame in batch}
-        self.own = {frame: keyframe_output[slot] for slot, frame in enumerate(keyframes)}
+        self.own: dict[int, torch.Tensor] = {}  # keyframe -> its guided output
         self.ran: set[int] = set()  # the batches run so far
         self.done: dict[int, torch.Tensor] = {}  # frame -> guided output, until its chunk is written
+
+    def run_keyframes(self, latents: torch.Tensor, source: torch.Tensor) -> None:
+        """The keyframe pass (the keyframes' latents and source latents given), with the frames that join
+        its call. Every rank runs it whole, so the keyframe cache holds the same bytes on every rank."""
+        count, joined = len(self.keyframes), self.joined
+        if joined:
+            latents = torch.cat([latents, self.latents.frames(joined)])
+            source = torch.cat([source, self.source.frames(joined)])
+        out = self.editor._call(self.io, self.keyframes, count, self.keyframes + joined, latents, source,
+                                self.timestep, self.inject)
+        self.own = dict(zip(self.keyframes, out[:count]))
+        self.done.update(zip(joined, out[count:]))
 
     def outputs(self, start: int, end: int) -> torch.Tensor:
         """[end - start, C, h, w]: the guided outputs of frames [start, end)."""
         for b in sorted({self.batch_of[f] for f in range(start, end) if f in self.batch_of} - self.ran):
             batch = self.batches[b]
             self.ran.add(b)
-            out = self.editor._propagate_batch(self.io, batch, self.latents.frames(batch), self.source.frames(batch),
-                                               self.keyframes, self.timestep, self.inject)
+            out = self.editor._call(self.io, self.keyframes, 0, batch, self.latents.frames(batch),
+                                    self.source.frames(batch), self.timestep, self.inject)
             self.done.update(zip(batch, out))
-        return torch.stack([self.done.pop(f) if f in self.batch_of else self.own[f] for f in range(start, end)])
+        return torch.stack([self.done.pop(f) if f in self.done else self.own[f] for f in range(start, end)])
 
     def release_through(self, index: int) -> None:
-        """Chunk `index` is written: every batch touching the chunks up to it has run, so they are not
+        """Chunk `index` is written: every call touching the chunks up to it has run, so they are not
         read again (chunks are written in order)."""
         self.latents.release_through(index)
         self.source.release_through(index)
