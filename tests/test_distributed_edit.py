@@ -29,8 +29,11 @@ def test_two_processes_give_the_single_process_bytes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(doc) for doc in proc.stdout.replace("}\n{", "}\x00{").split("\x00") if doc.strip()]
     assert sorted(r["rank"] for r in reports) == [0, 1] and all(r["world_size"] == 2 for r in reports)
-    # Each rank evaluated the keyframes' call and the batches of its own frames.
-    assert sum(r["unet_frame_evaluations"] for r in reports) > json.loads(single.stdout)["unet_frame_evaluations"]
+    # Per step, every rank runs the keyframes' call (4 keyframes and the first 2 frames to propagate), then
+    # the batches that hold its own frames: 6 frames straddling both ranks, then 1 frame of rank 1's.
+    evaluations = {r["rank"]: r["unet_frame_evaluations"] for r in reports}
+    assert evaluations == {0: 3 * 3 * (6 + 6), 1: 3 * 3 * (6 + 6 + 1)}
+    assert json.loads(single.stdout)["unet_frame_evaluations"] == 3 * 3 * 13
     a = np.asarray(zarr.open_array(str(root / "edits" / "single" / "latents.zarr")))
     b = np.asarray(zarr.open_array(str(root / "edits" / "multi" / "latents.zarr")))
     assert a.tobytes() == b.tobytes()

@@ -369,7 +369,8 @@ class _PropagationPass:
             source = torch.cat([source, self.source.frames(joined)])
         out = self.editor._call(self.io, self.keyframes, count, self.keyframes + joined, latents, source,
                                 self.timestep, self.inject)
-        self.own = dict(zip(self.keyframes, out[:count]))
+        # a keyframe that is propagated too (reference propagation) takes its propagated output
+        self.own = {k: o for k, o in zip(self.keyframes, out[:count]) if k not in self.batch_of and k not in joined}
         self.done.update(zip(joined, out[count:]))
 
     def outputs(self, start: int, end: int) -> torch.Tensor:
