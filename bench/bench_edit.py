@@ -3,7 +3,8 @@ against a naive per-frame PnP edit (every frame through the UNet with PnP inject
 no propagation) as a baseline.
 
 overhead = edit time / (UNet frame-evaluations the method needs x time of one bare frame-evaluation
-at the same batch size, measured in the same process). TokenFlow needs 3N frame-evaluations per
+at the same batch size, measured in the same process); "in UNet calls" is the part of the edit's time
+spent inside the UNet's calls (its attention processors and hooks included), over the same bare time. TokenFlow needs 3N frame-evaluations per
 step (keyframes once, every other frame once); so does the baseline. Tiny model, 64 px, CPU.
 
     python bench/bench_edit.py
@@ -12,6 +13,7 @@ step (keyframes once, every other frame once); so does the baseline. Tiny model,
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,14 +71,25 @@ def worker(config: dict) -> dict:
     s = settings(make_project(frames, model=config.get("model", "tiny")))
     encode(s, 8)
     invert(s, STEPS, STEPS, "", 8, False)
-    per_frame = unet_seconds_per_frame(s.pipeline(), 3 * frame_batch(), 64)
+    pipe = s.pipeline()
+    per_frame = unet_seconds_per_frame(pipe, 3 * frame_batch(), 64)
+    in_unet = time_in_calls(pipe.unet)
     if config["method"] == "naive":
         seconds, evaluations = timed(naive_pnp, s, "a red robot")
     else:
         seconds, result = timed(edit, s, EditConfig("a red robot", "bench", steps=STEPS))
         evaluations = result["unet_frame_evaluations"]
     assert evaluations == 3 * frames * STEPS
-    return {"seconds": seconds, "overhead": seconds / (evaluations * per_frame), "rss_mb": peak_rss_mb()}
+    bare = evaluations * per_frame
+    return {"seconds": seconds, "overhead": seconds / bare, "in_unet": in_unet[0] / bare, "rss_mb": peak_rss_mb()}
+
+
+def time_in_calls(module) -> list[float]:
+    """[seconds spent inside `module`'s forward so far], kept up to date by hooks."""
+    spent, began = [0.0], [0.0]
+    module.register_forward_pre_hook(lambda *_: began.__setitem__(0, time.perf_counter()))
+    module.register_forward_hook(lambda *_: spent.__setitem__(0, spent[0] + time.perf_counter() - began[0]))
+    return spent
 
 
 def main() -> None:
@@ -85,9 +98,9 @@ def main() -> None:
         for n in COUNTS:
             r = in_child(__file__, {"frames": n, "method": method})
             rss[(method, n)] = r["rss_mb"]
-            rows.append([method, n, r["seconds"], r["overhead"], r["rss_mb"]])
+            rows.append([method, n, r["seconds"], r["overhead"], r["in_unet"], r["rss_mb"]])
     print(table(f"edit ({STEPS} steps), tiny model, 64 px, CPU",
-                ["method", "frames", "seconds", "time / bare UNet", "peak RSS MB"], rows))
+                ["method", "frames", "seconds", "time / bare UNet", "in UNet calls / bare", "peak RSS MB"], rows))
     ratio = rss[("tokenflow", COUNTS[-1])] / rss[("tokenflow", COUNTS[0])]
     print(f"\ntokenflow peak RSS {COUNTS[-1]} / {COUNTS[0]} frames: {ratio:.2f} (bound 1.5)")
 
