@@ -4,8 +4,9 @@ no propagation) as a baseline.
 
 overhead = edit time / (UNet frame-evaluations the method needs x time of one bare frame-evaluation
 at the same batch size, measured in the same process); "in UNet calls" is the part of the edit's time
-spent inside the UNet's calls (its attention processors and hooks included), over the same bare time. TokenFlow needs 3N frame-evaluations per
-step (keyframes once, every other frame once); so does the baseline. Tiny model, 64 px, CPU.
+spent inside the UNet's calls (its attention processors and hooks included), over the same bare time.
+TokenFlow needs 3N frame-evaluations per step (keyframes once, every other frame once); so does the
+baseline. Tiny model, 64 px, CPU.
 
     python bench/bench_edit.py
 """

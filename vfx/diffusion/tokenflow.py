@@ -6,9 +6,9 @@ every other frame goes through the UNet with its self-attention replaced by the 
 keyframe outputs — the first of them in the keyframes' own call when the keyframes leave room in a
 call of `frame_batch` frames. The editor alone drives the attention processors: it builds one
 processor dict per kind of call once, puts it on, and describes each UNet call (its branch layout,
-its injection switches, its keyframes, its propagation plan) to them. Latents are read and written per chunk through
-callables, a bounded slice at a time, so memory does not grow with the number of frames beyond the
-keyframe cache.
+its injection switches, its keyframes, its propagation plan) to them. Latents are read and written
+per chunk through callables, a bounded slice at a time, so memory does not grow with the number of
+frames beyond the keyframe cache.
 """
 
 from __future__ import annotations
@@ -173,8 +173,9 @@ class TokenFlowEditor:
                   inject_attention: bool, inject_conv: bool, keyframes: int = 0,
                   neighbours: Neighbours | None = None, depth: np.ndarray | None = None) -> torch.Tensor:
         """One UNet call on [source | uncond | cond], described to the processors as such (the first
-        `keyframes` frames being the step's keyframes); returns the guided model output for `latents`. With a ControlNet, `edges` (the frames' edge maps) condition the uncond
-        and cond branches; a depth model reads the frames' `depth` maps in every branch."""
+        `keyframes` frames being the step's keyframes); returns the guided model output for `latents`.
+        With a ControlNet, `edges` (the frames' edge maps) condition the uncond and cond branches; a
+        depth model reads the frames' `depth` maps in every branch."""
         m = latents.shape[0]
         if source.shape[0] != m:
             raise ValueError(f"{source.shape[0]} source frames for {m} frames")
