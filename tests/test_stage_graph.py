@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -69,14 +72,27 @@ def test_only_rank_0_prints_messages(tmp_path):
 
 
 def test_bitsandbytes_import_warnings_are_not_printed(tmp_path):
-    """On CPUs with AVX512-BF16, importing bitsandbytes (diffusers does whenever it is installed) warns
-    about a 4-bit kernel vfx never uses: every command, on every rank, would print it."""
+    """On CPUs with AVX512-BF16, importing bitsandbytes (diffusers does whenever it is installed) tries to
+    fetch a 4-bit kernel vfx never uses, and bitsandbytes and `kernels` warn that it cannot: every command
+    would print both."""
     import logging
 
     root = inverted(tmp_path, moving(2))
     assert invoke("status", root).exit_code == 0
-    emitter = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the logger that warns
-    assert not emitter.isEnabledFor(logging.WARNING) and emitter.isEnabledFor(logging.ERROR)
+    # the loggers that warn
+    for emitter in map(logging.getLogger, ["bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"]):
+        assert not emitter.isEnabledFor(logging.WARNING) and emitter.isEnabledFor(logging.ERROR)
+
+
+def test_a_secondary_rank_repeats_no_library_warning(tmp_path):
+    root = inverted(tmp_path, moving(2))
+    script = ("import logging, sys, warnings; from vfx.cli import main; sys.argv = ['vfx', 'status', sys.argv[1]]\n"
+              "try: main()\nexcept SystemExit: pass\n"
+              "logging.getLogger('diffusers').warning('a library warning'); warnings.warn('a python warning')\n"
+              "logging.getLogger('diffusers').error('a library error')")
+    env = {**os.environ, "RANK": "1", "VFX_QUIET": ""}
+    proc = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stderr.strip() == "a library error"
 
 
 def edit_markers(root, name: str) -> dict[int, dict]:

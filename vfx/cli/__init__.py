@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Annotated
 
 import typer
@@ -42,11 +43,17 @@ def _global(
     """Global options."""
     DEBUG["on"] = DEBUG["on"] or debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # vfx downloads nothing; a user's own setting wins
-    # diffusers imports bitsandbytes whenever it is installed, and on CPUs with AVX512-BF16 its import warns
-    # about a 4-bit CPU kernel it cannot fetch; vfx never uses 4-bit kernels (8-bit Adam needs none).
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # Under torchrun or accelerate, one process speaks: rank 0's messages and progress are everyone's.
+    # diffusers imports bitsandbytes whenever it is installed, and on CPUs with AVX512-BF16 that import tries
+    # to fetch a 4-bit CPU kernel from the Hub (through `kernels`, when installed) and warns that it cannot;
+    # vfx never uses 4-bit kernels (8-bit Adam needs none).
+    for noisy in ("bitsandbytes", "kernels"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Under torchrun or accelerate, one process speaks: rank 0's messages and progress are everyone's,
+    # and so are the libraries' warnings, which every rank would otherwise repeat.
     secondary = os.environ.get("RANK", "0") not in {"", "0"}
+    if secondary:
+        logging.disable(logging.WARNING)
+        warnings.simplefilter("ignore")
     log.set_quiet(quiet or log.quiet_from_env() or secondary)
 
 
