@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from conftest import EDIT_STEPS as STEPS
 from conftest import (
