@@ -17,7 +17,7 @@ from conftest import EDIT_STEPS as STEPS
 from conftest import (
     assert_bad, assert_every_frame_edited, assert_killed_edit_resumes, assert_static_edit, chunk_files,
     copy_project, done_markers, image_folder, invoke, kill_after_markers, ok, ok_json, run_shards, textured,
-    tiny_pipe, vfx_command, video_project,
+    status_rows, tiny_pipe, vfx_command, video_project,
 )
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -121,6 +121,14 @@ def test_invert_and_edit_without_depth_name_the_command(tmp_path):
     shutil.rmtree(root / "depth")
     assert_bad(invoke("edit", root, "--prompt", "x", "--steps", STEPS), f"vfx depth {root}")
     assert not (root / "edits").exists()
+
+
+def test_status_lists_depth_before_the_inversion_of_a_depth_model(tmp_path):
+    root = depth_project(tmp_path, pan(2, 3), invert=False)
+    shutil.rmtree(root / "depth")
+    rows = status_rows(root)
+    assert list(rows)[:5] == ["frames", "latents", "depth", "inversion", "flow"]
+    assert rows["depth"]["state"] == "missing" and rows["depth"]["hint"] == f"vfx depth {root}"
 
 
 def test_every_unet_call_reads_the_frames_depth(tmp_path):

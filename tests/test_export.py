@@ -122,6 +122,39 @@ def test_a_lora_trained_on_a_single_file_exports_to_kohya(sd2_run, tmp_path):
         assert f.metadata()["ss_base_model_version"] == "sd_v2" and any(k.startswith("lora_unet_") for k in f.keys())
 
 
+class _WritesAFile:
+    """Unpickling this creates a file: the mark that something opened the pickle."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_lora_trained_on_a_pickled_base_exports_without_opening_it(sd2_run, tmp_path):
+    """Training (with --allow-pickle) records the base's architecture, so the export reads no base model:
+    replaced by a pickle that acts when loaded, the base is never unpickled, the metadata still says
+    SD 2.x, and with the base gone the export still works."""
+    from vfx.models import tiny_model_dir
+
+    single = tmp_path / "sd2-base.safetensors"
+    ok("export", sd2_run, "--name", "full", "--format", "checkpoint", "--out", single)
+    base = tmp_path / "sd2-base.ckpt"
+    torch.save({"state_dict": load_file(str(single))}, base)
+    ok(*train_args(sd2_run, "on-ckpt", make_photos(tmp_path / "photos", 2), "--mode", "lora", "--model", base,
+                   "--model-config", tiny_model_dir("tiny-v"), "--allow-pickle", steps=1))
+    marker = tmp_path / "unpickled"
+    torch.save(_WritesAFile(marker), base)
+    out = tmp_path / "on-ckpt.safetensors"
+    ok("export", sd2_run, "--name", "on-ckpt", "--format", "kohya", "--out", out)
+    assert not marker.exists()
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sd_v2" and any(k.startswith("lora_unet_") for k in f.keys())
+    base.unlink()  # a base that has moved
+    ok("export", sd2_run, "--name", "on-ckpt", "--format", "kohya", "--out", out, "--force")
+
+
 def test_diffusers_exports_load_with_diffusers(runs, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from conftest import invoke, ok, snapshot, status_rows
 from vfx.fsutil import read_json
+from vfx.project import Project
 from vfx.stage import RECORD
 
 OPTIONS = ("--prompt", "a red robot", "--steps", "2")
@@ -20,8 +21,12 @@ def finished(root) -> dict[str, float | None]:
 
 def test_run_makes_every_stage_and_the_report_then_is_up_to_date(tmp_path, gen_video):
     root = tmp_path / "p"
-    result = ok("run", root, gen_video, *OPTIONS, "--size", "32x32", "--max-frames", "4", "--source-prompt", "a disc")
+    result = ok("run", root, gen_video, *OPTIONS, "--size", "32x32", "--max-frames", "4", "--source-prompt", "a disc",
+                "--device", "cpu")
     report = root / "report" / "index.html"
+    # the new project records the size and frame limit, not this run's device (no --model given)
+    config = Project.open(root).config
+    assert config.get("size") == "32x32" and config.get("max_frames") == 4 and config.get("device") == "auto"
     assert result.stdout.strip().splitlines()[-1] == f"report: {report}" and report.is_file()
     rows = status_rows(root)
     assert {folder: rows[folder]["state"] for folder in STAGES} == dict.fromkeys(STAGES, "complete")

@@ -88,8 +88,10 @@ STAGES: dict[str, StageSpec] = {spec.stage: spec for spec in (
               (Artifact("manifest.json"),), ("train",), unit="image"),
 )}
 
-# The video pipeline's unnamed stages, in the order `vfx status` lists them.
+# The video pipeline's unnamed stages, in the order `vfx status` lists them (with a depth model:
+# depth before the inversion).
 PIPELINE = ("extract", "encode", "invert", "flow")
+DEPTH_PIPELINE = ("extract", "encode", "depth", "invert", "flow")
 SHARDABLE = tuple(name for name, spec in STAGES.items() if spec.shardable)
 
 

@@ -12,12 +12,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from vfx import log
 from vfx.errors import BadInput
 from vfx.fsutil import file_lock, replace_path
+
+if TYPE_CHECKING:
+    import torch  # imported where weights load: resolving a model (`vfx status`) needs no torch
 
 # 2: the ControlNet's zero convolutions carry weights, so control reaches the UNet;
 # 3: the VAE's scaling factor gives unit-variance latents;
@@ -48,6 +50,12 @@ def tiny_model_dir(variant: str = "tiny") -> Path:
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def reads_depth(spec: str | None) -> bool:
+    """Whether the model `spec` names (None: the embedded default) reads depth maps, so that `vfx depth`
+    runs before its inversion."""
+    return model_family(resolve_model(spec)) == "depth"
 
 
 # ---------------------------------------------------------------- loading
@@ -178,6 +186,11 @@ def family_of_unet(config: dict) -> str:
     return "depth" if config.get("in_channels") == DEPTH_CHANNELS else "sd"
 
 
+def is_open_clip(text_encoder_config: dict) -> bool:
+    """SD 2.x's text encoder is OpenCLIP (gelu), SD 1.x's OpenAI CLIP (quick_gelu)."""
+    return text_encoder_config.get("hidden_act") == "gelu"
+
+
 @contextlib.contextmanager
 def checkpoint_header(path: Path):
     """A single-file .safetensors checkpoint opened for its header (tensor names and shapes, no data)."""
@@ -236,6 +249,7 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype, model
     estimator, StableDiffusionDepth2ImgPipeline: told by its config) on `device`; the VAE stays fp32
     (fp16 VAEs are known to overflow)."""
     import diffusers
+    import torch
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
@@ -285,6 +299,7 @@ def load_vae(ref: ModelRef, device: torch.device):
     if folder is None:
         return None
     import diffusers
+    import torch
 
     _note_tiny(ref)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vfx import graph, invocation
+from vfx.errors import BadInput
 from vfx.project import Project
 from vfx.stage import DONE_DIR, RECORD, StageFolder
 from vfx.store import folder_size
@@ -92,12 +93,23 @@ def stage_states(project: Project, verify: bool = False, shown_root: str | None 
         elif row["stage"] in graph.STAGES:
             row["next"] = remake_command(row, root, shown_root)
     ordered = []
-    for stage in graph.PIPELINE:
+    for stage in video_stages(project):
         spec = graph.spec(stage)
         ordered.append(rows.pop(spec.folder, None) or {"folder": spec.folder, "stage": stage, "state": "missing",
                                                        "hint": spec.command_for(shown_root)})
     ordered += [rows[key] for key in sorted(rows)]
     return ordered
+
+
+def video_stages(project: Project) -> tuple[str, ...]:
+    """The unnamed video stages the project's model runs, in order; a model that no longer resolves
+    (moved, say) leaves out depth, and the stages that need it say so when run."""
+    from vfx.models import reads_depth
+
+    try:
+        return graph.DEPTH_PIPELINE if reads_depth(project.config.get("model")) else graph.PIPELINE
+    except BadInput:
+        return graph.PIPELINE
 
 
 def remake_command(row: dict, root: Path, shown_root: str) -> str:

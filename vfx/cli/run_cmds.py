@@ -50,12 +50,12 @@ def run_command_line(argv: list[str]) -> None:
 
 def reads_depth(root: Path, model: str | None) -> bool:
     """Whether the run's model (--model, else the project's) is a depth model."""
-    from vfx.models import model_family, resolve_model
+    from vfx import models
     from vfx.project import CONFIG_NAME, Project
 
     if model is None and (root / CONFIG_NAME).is_file():
         model = Project.open(root).config.get("model")
-    return model_family(resolve_model(model)) == "depth"
+    return models.reads_depth(model)
 
 
 def check_options_early(video: Path | None, model: str | None, device: str | None, dtype: str | None,
@@ -122,7 +122,7 @@ def run_cmd(
     if not (root / CONFIG_NAME).is_file():
         if video is None:
             raise BadInput(f"{root} is not a vfx project yet: pass the video to edit (vfx run {root} VIDEO --prompt ...)")
-        init = ["init", str(root), "--video", str(video), *model_flags[:2]]
+        init = ["init", str(root), "--video", str(video), *(["--model", model] if model is not None else [])]
         for option, value in (("--prompt", source_prompt), ("--size", size), ("--max-frames", max_frames),
                               ("--steps", steps)):
             init += [option, str(value)] if value is not None else []

@@ -126,9 +126,16 @@ def architecture_folder(weights: TrainedWeights) -> Path | None:
     return weights.folder if weights.mode == "full" else pipeline_folder(resolve_model(weights.base_spec))
 
 
+def recorded(weights: TrainedWeights, key: str):
+    """What training recorded of the base's architecture (runs trained before it was recorded: None)."""
+    return json.loads((weights.folder / INFO_FILE).read_text()).get(key)
+
+
 def base_family(weights: TrainedWeights) -> str:
     from vfx.models import family_of_unet, model_family, resolve_model
 
+    if (family := recorded(weights, "base_family")) is not None:
+        return family
     folder = architecture_folder(weights)
     if folder is None:
         return model_family(resolve_model(weights.base_spec))  # a single file: from its tensor names
@@ -138,8 +145,10 @@ def base_family(weights: TrainedWeights) -> str:
 def is_v2(weights: TrainedWeights) -> bool:
     """SD 2.x uses OpenCLIP (gelu; in a single file, under `cond_stage_model.model.`); SD 1.x uses OpenAI
     CLIP (quick_gelu)."""
-    from vfx.models import checkpoint_header, resolve_model
+    from vfx.models import checkpoint_header, is_open_clip, resolve_model
 
+    if (v2 := recorded(weights, "base_v2")) is not None:
+        return v2
     folder = architecture_folder(weights)
     if folder is None:
         location = Path(resolve_model(weights.base_spec).location)
@@ -148,7 +157,7 @@ def is_v2(weights: TrainedWeights) -> bool:
         with checkpoint_header(location) as header:
             return any(key.startswith("cond_stage_model.model.") for key in header.keys())
     path = folder / "text_encoder" / "config.json"
-    return path.is_file() and json.loads(path.read_text()).get("hidden_act") == "gelu"
+    return path.is_file() and is_open_clip(json.loads(path.read_text()))
 
 
 def write_checkpoint(weights: TrainedWeights, target: Path, name: str) -> None:

@@ -24,7 +24,7 @@ import torch
 from vfx import log
 from vfx.errors import BadInput, MissingStage
 from vfx.media import read_image
-from vfx.models import load_pipeline
+from vfx.models import is_open_clip, load_pipeline
 from vfx.driver import SingleUnitStage, drive
 from vfx.settings import Settings
 from vfx.stage import StageRun, refuse_links, upstream
@@ -559,4 +559,7 @@ def write_weights(folder: Path, trainer: Trainer, cfg: TrainConfig, settings: Se
         "rank": cfg.rank if cfg.mode == "lora" else None,
         "lora_alpha": cfg.lora_alpha if cfg.mode == "lora" else None, "train_text_encoder": cfg.train_text_encoder,
         "steps": cfg.max_steps, "resolution": cfg.resolution,
+        # the base's architecture, so that an export needs no base model (a pickled one is never opened)
+        "base_family": settings.family,
+        "base_v2": settings.family == "sd" and is_open_clip(trainer.pipe.text_encoder.config.to_dict()),
     })
