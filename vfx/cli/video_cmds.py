@@ -14,7 +14,7 @@ from vfx.cli.common import (
     report, settings_for,
 )
 from vfx.errors import BadInput
-from vfx.stages.edit_config import DEFAULTS as EDIT_DEFAULTS, NEGATIVE_PROMPT
+from vfx.stages.edit_config import DEFAULTS as EDIT_DEFAULTS, NEGATIVE_PROMPT, EditConfig
 
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Frames per VAE call.")]
 
@@ -162,10 +162,10 @@ def edit_cmd(
     prompt: Annotated[str, typer.Option(help="The edited video's description (required; an empty prompt is refused).", show_default=False)],
     name: Annotated[str | None, typer.Option(help="Edit name (folder edits/NAME). Default: derived from the prompt.", show_default=False)] = None,
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt (the unconditional branch).", show_default=NEGATIVE_PROMPT)] = None,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = EditConfig.guidance,
     steps: Annotated[int | None, typer.Option(help="Denoising steps; the inversion must have saved this schedule (invert --save-steps). Default: vfx.toml's steps (50).", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Window length: one random keyframe is drawn per window of this many frames, every step.")] = 8,
-    method: Annotated[str, typer.Option(help="pnp: TokenFlow + plug-and-play injection from the inverted noise. sdedit: start part-way down the schedule (--start), no injection; see docs/edit-variants.md.")] = "pnp",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Window length: one random keyframe is drawn per window of this many frames, every step.")] = EditConfig.batch_size,
+    method: Annotated[str, typer.Option(help="pnp: TokenFlow + plug-and-play injection from the inverted noise. sdedit: start part-way down the schedule (--start), no injection; see docs/edit-variants.md.")] = EditConfig.method,
     pnp_attn_t: Annotated[float | None, typer.Option(help="pnp: fraction of the steps with query/key injection in the decoder's self-attention.", show_default=str(EDIT_DEFAULTS["pnp_attn_t"]))] = None,
     pnp_f_t: Annotated[float | None, typer.Option(help="pnp: fraction of the steps with resnet-feature injection.", show_default=str(EDIT_DEFAULTS["pnp_f_t"]))] = None,
     start: Annotated[float | None, typer.Option(help="sdedit: noise level to start from, a fraction of the schedule's range; the edit starts at the schedule's timestep nearest it (1.0: the noisiest).", show_default=str(EDIT_DEFAULTS["start"]))] = None,
@@ -175,14 +175,14 @@ def edit_cmd(
     control_scale: Annotated[float | None, typer.Option(help="Scale of the ControlNet residuals (0: no effect).", show_default=str(EDIT_DEFAULTS["control_scale"]))] = None,
     canny_low: Annotated[int | None, typer.Option(help="Canny lower hysteresis threshold.", show_default=str(EDIT_DEFAULTS["canny_low"]))] = None,
     canny_high: Annotated[int | None, typer.Option(help="Canny upper hysteresis threshold.", show_default=str(EDIT_DEFAULTS["canny_high"]))] = None,
-    correspondence: Annotated[str, typer.Option(help="features: match tokens to keyframes by source-feature similarity. flow: compose flow/ (run `vfx flow` first) from each frame to its keyframes; occluded tokens fall back to features.")] = "features",
+    correspondence: Annotated[str, typer.Option(help="features: match tokens to keyframes by source-feature similarity. flow: compose flow/ (run `vfx flow` first) from each frame to its keyframes; occluded tokens fall back to features.")] = EditConfig.correspondence,
     lora: Annotated[Path | None, typer.Option(help="LoRA weights applied to the model: a .safetensors file in any layout diffusers loads (diffusers, peft, kohya/A1111), or a `vfx train --mode lora` weights folder.", show_default=False)] = None,
     lora_scale: Annotated[float | None, typer.Option(help="Strength of the LoRA (0: exactly the base model).", show_default=str(EDIT_DEFAULTS["lora_scale"]))] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the keyframe draws. Default: vfx.toml (0).", show_default=False)] = None,
-    propagation: Annotated[str, typer.Option(help="distance: blend the two neighbouring keyframes by real distance. reference: the reference implementation's window-centre sigmoid blend of the previous keyframe, for comparison.")] = "distance",
+    propagation: Annotated[str, typer.Option(help="distance: blend the two neighbouring keyframes by real distance. reference: the reference implementation's window-centre sigmoid blend of the previous keyframe, for comparison.")] = EditConfig.propagation,
     keyframes: Annotated[Path | None, typer.Option(help="Replay a keyframe schedule (JSON list of lists or .npy, steps x K) instead of drawing one.", show_default=False)] = None,
-    keyframe_batch: Annotated[int, typer.Option(help="Keyframes per extended-attention query slice, bounding attention memory (0: all at once).")] = 0,
-    frame_batch: Annotated[int, typer.Option(help="Frames per UNet call in the propagation pass (3 rows each; the keyframes' call takes the first of them when the keyframes are fewer); lower it if memory runs short.")] = 16,
+    keyframe_batch: Annotated[int, typer.Option(help="Keyframes per extended-attention query slice, bounding attention memory (0: all at once).")] = EditConfig.keyframe_batch,
+    frame_batch: Annotated[int, typer.Option(help="Frames per UNet call in the propagation pass (3 rows each; the keyframes' call takes the first of them when the keyframes are fewer); lower it if memory runs short.")] = EditConfig.frame_batch,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -193,7 +193,6 @@ def edit_cmd(
 ) -> None:
     """Edit the video with TokenFlow: keyframes with extended attention, features propagated to every frame (PnP or SDEdit, optional ControlNet, flow correspondences, LoRA)."""
     from vfx.stages.edit import edit
-    from vfx.stages.edit_config import EditConfig
 
     options = dict(prompt=prompt, name=name, guidance=guidance, steps=steps, batch_size=batch_size, method=method,
                    pnp_attn_t=pnp_attn_t, pnp_f_t=pnp_f_t, start=start, fresh_noise=fresh_noise, control=control,
