@@ -6,6 +6,7 @@ from pathlib import Path
 
 from vfx import graph, invocation
 from vfx.errors import BadInput
+from vfx.models import reads_depth
 from vfx.project import Project
 from vfx.stage import DONE_DIR, RECORD, StageFolder
 from vfx.store import folder_size
@@ -104,8 +105,6 @@ def stage_states(project: Project, verify: bool = False, shown_root: str | None 
 def video_stages(project: Project) -> tuple[str, ...]:
     """The unnamed video stages the project's model runs, in order; a model that no longer resolves
     (moved, say) leaves out depth, and the stages that need it say so when run."""
-    from vfx.models import reads_depth
-
     try:
         return graph.DEPTH_PIPELINE if reads_depth(project.config.get("model")) else graph.PIPELINE
     except BadInput:

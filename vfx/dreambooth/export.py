@@ -24,7 +24,7 @@ from vfx import log
 from vfx.errors import BadInput
 from vfx.fsutil import output_file, replace_path
 from vfx.stage import RECORD
-from vfx.dreambooth.weights import INFO_FILE, TrainedWeights, trained_weights
+from vfx.dreambooth.weights import TrainedWeights, trained_weights
 
 FORMATS = ("kohya", "diffusers", "checkpoint")
 
@@ -76,11 +76,10 @@ def write_diffusers(weights: TrainedWeights, target: Path, name: str) -> None:
 def write_kohya(weights: TrainedWeights, target: Path, name: str) -> None:
     from safetensors.torch import load_file, save_file
 
-    info = json.loads((weights.folder / INFO_FILE).read_text())
     sdxl = base_family(weights) == "sdxl"
     state = kohya_layers(load_file(str(weights.lora)), has_second_text_encoder=sdxl)
     version = "sdxl_base_v1-0" if sdxl else "sd_v2" if is_v2(weights) else "sd_v1"
-    save_file(state, str(target), metadata=kohya_metadata(info, name, version))
+    save_file(state, str(target), metadata=kohya_metadata(weights.info, name, version))
 
 
 def kohya_layers(state: dict, has_second_text_encoder: bool) -> dict:
@@ -126,15 +125,10 @@ def architecture_folder(weights: TrainedWeights) -> Path | None:
     return weights.folder if weights.mode == "full" else pipeline_folder(resolve_model(weights.base_spec))
 
 
-def recorded(weights: TrainedWeights, key: str):
-    """What training recorded of the base's architecture (runs trained before it was recorded: None)."""
-    return json.loads((weights.folder / INFO_FILE).read_text()).get(key)
-
-
 def base_family(weights: TrainedWeights) -> str:
     from vfx.models import family_of_unet, model_family, resolve_model
 
-    if (family := recorded(weights, "base_family")) is not None:
+    if (family := weights.info.get("base_family")) is not None:  # recorded by training (not by older runs)
         return family
     folder = architecture_folder(weights)
     if folder is None:
@@ -147,7 +141,7 @@ def is_v2(weights: TrainedWeights) -> bool:
     CLIP (quick_gelu)."""
     from vfx.models import checkpoint_header, is_open_clip, resolve_model
 
-    if (v2 := recorded(weights, "base_v2")) is not None:
+    if (v2 := weights.info.get("base_v2")) is not None:
         return v2
     folder = architecture_folder(weights)
     if folder is None:

@@ -54,7 +54,7 @@ def choose_model(settings: Settings, run_dir: Path, name: str, base: bool, lora:
         return settings.model, lora_file(lora), {}, None, run_dir / "samples"
     weights = trained_weights(settings.project, name)
     inputs = weights.input()
-    size = (read_json(weights.folder / INFO_FILE) or {}).get("resolution")
+    size = weights.info.get("resolution")
     if weights.mode == "full":
         return resolve_model(str(weights.folder)), None, inputs, size, run_dir / "samples"
     ref = resolve_model(weights.base_spec)

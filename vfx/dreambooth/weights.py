@@ -100,6 +100,7 @@ class TrainedWeights:
     base_identity: str
     key: str  # the artifact's name as a downstream input
     fingerprint: str
+    info: dict  # dreambooth.json: the run's mode, base model, prompts, rank and the base's architecture
 
     @property
     def lora(self) -> Path | None:
@@ -120,4 +121,4 @@ def trained_weights(project, name: str) -> TrainedWeights:
         raise BadInput(f"{found.folder} is damaged: a weights file no longer matches its checksum from training; "
                        f"run `{command} --force` to train it again")
     return TrainedWeights(found.folder, info["mode"], info["base_model_spec"], info["base_model"], found.key,
-                          found.fingerprint)
+                          found.fingerprint, info)
