@@ -219,12 +219,22 @@ def test_run_estimates_depth_for_a_depth_model(tmp_path, gen_video):
     assert (root / "depth" / "stage.json").read_bytes() == depth_record
 
 
-def test_dreambooth_refuses_a_depth_model(tmp_path):
+def test_dreambooth_refuses_a_depth_model_but_samples_a_run_trained_on_another(tmp_path):
     root = tmp_path / "db"
     ok("init", root, "--model", "tiny-depth")
     photos = image_folder(tmp_path / "photos", [textured(64, seed=s) for s in range(2)])
     for command in (("regularize", "--name", "c", "--class-prompt", "a photo of a dog"),
                     ("train", "--name", "t", "--instance-dir", photos, "--instance-prompt", "a photo of sks dog"),
-                    ("sample", "--name", "t", "--prompt", "a photo of sks dog")):
+                    ("sample", "--name", "t", "--base", "--prompt", "a photo of sks dog")):
         assert_bad(invoke(command[0], root, *command[1:]), "depth model")
     assert not (root / "dreambooth").exists()
+    # a run trained on a text-to-image model samples that model, whatever the project's own model is
+    ok("train", root, "--name", "t", "--instance-dir", photos, "--instance-prompt", "a photo of sks dog", "--mode",
+       "lora", "--max-steps", "1", "--resolution", "32", "--model", "tiny")
+    sample = ("--prompt", "a photo of sks dog", "--num-images", "1", "--steps", "2")
+    ok("sample", root, "--name", "t", *sample)
+    ok("sample", root, "--name", "t", "--base", *sample)
+    records = [json.loads((root / "dreambooth" / "t" / folder / "stage.json").read_text())
+               for folder in ("samples", "samples-base")]
+    assert all(r["params"]["model"].startswith("tiny@") for r in records)
+    assert_bad(invoke("sample", root, "--name", "t", "--base", "--model", "tiny-depth", *sample), "depth model")

@@ -155,6 +155,30 @@ def test_a_lora_trained_on_a_pickled_base_exports_without_opening_it(sd2_run, tm
     ok("export", sd2_run, "--name", "on-ckpt", "--format", "kohya", "--out", out, "--force")
 
 
+def test_a_lora_on_a_pickled_single_file_samples_with_the_config_it_was_trained_with(sd2_run, tmp_path):
+    """`vfx sample` loads the run's base as training did: with the --model-config recorded then (none given
+    here), and only with --allow-pickle; the image is diffusers' own for that file, config and LoRA."""
+    from diffusers import StableDiffusionPipeline
+
+    from vfx.models import tiny_model_dir
+
+    single = tmp_path / "sd2-base.safetensors"
+    ok("export", sd2_run, "--name", "full", "--format", "checkpoint", "--out", single)
+    base = tmp_path / "sd2-base.ckpt"
+    torch.save({"state_dict": load_file(str(single))}, base)
+    ok(*train_args(sd2_run, "on-ckpt-sampled", make_photos(tmp_path / "photos", 2), "--mode", "lora", "--model", base,
+                   "--model-config", tiny_model_dir("tiny-v"), "--allow-pickle", "--learning-rate", "1e-2", steps=1))
+    assert_bad(invoke("sample", sd2_run, "--name", "on-ckpt-sampled", *SAMPLE), "--allow-pickle")
+    assert not (run_dir(sd2_run, "on-ckpt-sampled") / "samples").exists()
+    ok("sample", sd2_run, "--name", "on-ckpt-sampled", *SAMPLE, "--allow-pickle")
+    pipe = StableDiffusionPipeline.from_single_file(str(base), config=str(tiny_model_dir("tiny-v")),
+                                                    local_files_only=True, safety_checker=None,
+                                                    requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(run_dir(sd2_run, "on-ckpt-sampled") / "weights"))
+    assert_same_image(image_of(pipe), sampled(sd2_run, "on-ckpt-sampled"))
+
+
 def test_diffusers_exports_load_with_diffusers(runs, tmp_path):
     from diffusers import StableDiffusionPipeline
 

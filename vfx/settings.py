@@ -63,6 +63,10 @@ class Settings:
             check_model_config(model_config)
         return cls(project, ref, resolved_device, resolved_dtype, shard_spec, force, model_config)
 
+    def with_model(self, model: ModelRef, model_config: str | None) -> "Settings":
+        """The same flags for another model (nothing loaded)."""
+        return Settings(self.project, model, self.device, self.dtype, self.shard, self.force, model_config)
+
     @cached_property
     def family(self) -> str:
         """sd | sdxl | depth, read from the model's configs (no weights loaded)."""

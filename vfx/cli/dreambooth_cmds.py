@@ -25,13 +25,12 @@ SizeOpt = Annotated[
 
 
 def training_settings(*args, **kwargs):
-    """`settings_for`, refusing a depth model: DreamBooth trains and samples text-to-image models."""
-    from vfx.errors import BadInput
+    """`settings_for`, refusing a depth model (`vfx sample` checks the model it samples instead: a run's
+    base, trained elsewhere, in a project whose own model reads depth)."""
+    from vfx.dreambooth.data import refuse_depth_model
 
     settings = settings_for(*args, **kwargs)
-    if settings.family == "depth":
-        raise BadInput(f"{settings.model.spec} is a depth model (its UNet reads a depth map): DreamBooth in vfx "
-                       "trains and samples text-to-image models (SD 1.x/2.x, SDXL)")
+    refuse_depth_model(settings)
     return settings
 
 
@@ -173,10 +172,10 @@ def sample_cmd(
     from vfx.dreambooth.sample import read_prompts_file, sample
 
     prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
-    settings = training_settings(root, model, device, dtype, shard, force, allow_pickle, model_config)
+    settings = settings_for(root, model, device, dtype, shard, force, allow_pickle, model_config)
     result = sample(settings, name, prompts, num_images, steps=steps, guidance=guidance, seed=seed,
                     batch_size=batch_size, negative_prompt=negative_prompt, size=size, base=base, lora=lora,
-                    lora_scale=lora_scale, model_given=model is not None)
+                    lora_scale=lora_scale, model_given=model is not None, allow_pickle=allow_pickle)
     report(result, as_json)
     if result.get("state") == "complete" and not as_json:
         emit(result, False, f"grid: {result['grid']}")

@@ -22,6 +22,13 @@ def run_folder(project: Project, name: str) -> Path:
     return project.path(ROOT, validate_name(name, "run name"))
 
 
+def refuse_depth_model(settings) -> None:
+    """DreamBooth trains and samples text-to-image models; a depth model's UNet also reads a depth map."""
+    if settings.family == "depth":
+        raise BadInput(f"{settings.model.spec} is a depth model (its UNet reads a depth map): DreamBooth in vfx "
+                       "trains and samples text-to-image models (SD 1.x/2.x, SDXL)")
+
+
 # ---------------------------------------------------------------- image folders
 
 

@@ -16,7 +16,7 @@ from vfx.diffusion.lora import apply_lora, lora_file, lora_identity
 from vfx.driver import Stage, drive
 from vfx.settings import Settings
 from vfx.stage import Part, StageRun
-from vfx.dreambooth.data import check_prompt, run_folder
+from vfx.dreambooth.data import check_prompt, refuse_depth_model, run_folder
 from vfx.dreambooth.images import generate, grid, native_resolution, write_png
 from vfx.store import chunk_ranges
 from vfx.dreambooth.tokens import load_tokenizer
@@ -43,25 +43,33 @@ def image_name(prompt_index: int, image_index: int) -> str:
     return f"{prompt_index:03d}-{image_index:03d}.png"
 
 
-def choose_model(settings: Settings, run_dir: Path, name: str, base: bool, lora: Path | None, model_given: bool):
-    """(model, LoRA file or None, upstream inputs, default size, output folder) for this sampling."""
+def choose_model(settings: Settings, run_dir: Path, name: str, base: bool, lora: Path | None, model_given: bool,
+                 allow_pickle: bool):
+    """(the settings to sample with, LoRA file or None, upstream inputs, default size, output folder)."""
     if base:
         # The run's own base model, unless --model names another.
         info = read_json(run_dir / "weights" / INFO_FILE) or {}
-        model = settings.model if model_given or not info else resolve_model(info["base_model_spec"])
-        return model, None, {}, info.get("resolution"), run_dir / "samples-base"
+        use = settings if model_given or not info else run_base(settings, info, allow_pickle)
+        return use, None, {}, info.get("resolution"), run_dir / "samples-base"
     if lora is not None:
-        return settings.model, lora_file(lora), {}, None, run_dir / "samples"
+        return settings, lora_file(lora), {}, None, run_dir / "samples"
     weights = trained_weights(settings.project, name)
     inputs = weights.input()
     size = weights.info.get("resolution")
     if weights.mode == "full":
-        return resolve_model(str(weights.folder)), None, inputs, size, run_dir / "samples"
-    ref = resolve_model(weights.base_spec)
-    if ref.identity != weights.base_identity:
+        return settings.with_model(resolve_model(str(weights.folder)), None), None, inputs, size, run_dir / "samples"
+    use = run_base(settings, weights.info, allow_pickle)
+    if use.model.identity != weights.base_identity:
         raise BadInput(f"the base model {weights.base_spec} changed since this LoRA was trained "
-                       f"(identity {ref.identity}, trained on {weights.base_identity})")
-    return ref, weights.lora, inputs, size, run_dir / "samples"
+                       f"(identity {use.model.identity}, trained on {weights.base_identity})")
+    return use, weights.lora, inputs, size, run_dir / "samples"
+
+
+def run_base(settings: Settings, info: dict, allow_pickle: bool) -> Settings:
+    """The base model a run was trained on, with the --model-config it was trained with (a single file's
+    architecture) unless this command gives one; a pickled base still needs --allow-pickle here."""
+    model = resolve_model(info["base_model_spec"], allow_pickle=allow_pickle)
+    return settings.with_model(model, settings.model_config or info.get("base_model_config"))
 
 
 class Sample(Stage):
@@ -70,7 +78,7 @@ class Sample(Stage):
 
     def __init__(self, settings: Settings, name: str, prompts: list[str], num_images: int, steps: int,
                  guidance: float, seed: int | None, batch_size: int, negative_prompt: str, size: int | None,
-                 base: bool, lora: Path | None, lora_scale: float, model_given: bool):
+                 base: bool, lora: Path | None, lora_scale: float, model_given: bool, allow_pickle: bool = False):
         if not prompts:
             raise BadInput("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
         if num_images < 1 or batch_size < 1 or steps < 1:
@@ -80,10 +88,10 @@ class Sample(Stage):
         if base and lora is not None:
             raise BadInput("--base and --lora cannot be combined")
         run_dir = run_folder(settings.project, name)
-        model, self.lora_path, inputs, trained_size, self.folder = choose_model(settings, run_dir, name, base, lora,
-                                                                                model_given)
-        self.model, self.lora_scale, self.prompts, self.num_images = model, lora_scale, prompts, num_images
-        self.use = Settings(settings.project, model, settings.device, settings.dtype, settings.shard, settings.force)
+        self.use, self.lora_path, inputs, trained_size, self.folder = choose_model(settings, run_dir, name, base, lora,
+                                                                                   model_given, allow_pickle)
+        refuse_depth_model(self.use)
+        self.model, self.lora_scale, self.prompts, self.num_images = self.use.model, lora_scale, prompts, num_images
         tokenizer = load_tokenizer(self.use)
         for prompt in prompts:
             check_prompt(tokenizer, prompt, f"prompt {prompt[:40]!r}")
@@ -92,7 +100,7 @@ class Sample(Stage):
         self.ranges = chunk_ranges(len(prompts) * num_images, batch_size)
         self.params = {
             "prompts": prompts, "num_images": num_images, "steps": steps, "guidance": guidance, "seed": self.seed,
-            "batch_size": batch_size, "negative_prompt": negative_prompt, "size": self.side, "model": model.identity,
+            "batch_size": batch_size, "negative_prompt": negative_prompt, "size": self.side, "model": self.model.identity,
             "lora": lora_identity(self.lora_path) if self.lora_path else None,
             "lora_scale": lora_scale if self.lora_path else None, "dtype": settings.dtype_name,
         }
@@ -161,6 +169,7 @@ def sample(
     lora: Path | None = None,
     lora_scale: float = 1.0,
     model_given: bool = False,
+    allow_pickle: bool = False,
 ) -> dict:
     return drive(Sample(settings, name, prompts, num_images, steps, guidance, seed, batch_size, negative_prompt,
-                        size, base, lora, lora_scale, model_given))
+                        size, base, lora, lora_scale, model_given, allow_pickle))

@@ -555,6 +555,7 @@ def write_weights(folder: Path, trainer: Trainer, cfg: TrainConfig, settings: Se
         save_lora(folder, trainer.raw_unet, trainer.raw_texts if cfg.train_text_encoder else None)
     write_info(folder, {
         "mode": cfg.mode, "base_model": settings.model.identity, "base_model_spec": settings.model.spec,
+        "base_model_config": settings.model_config,  # what a single-file base needs to load again
         "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt, "identifier": cfg.identifier,
         "rank": cfg.rank if cfg.mode == "lora" else None,
         "lora_alpha": cfg.lora_alpha if cfg.mode == "lora" else None, "train_text_encoder": cfg.train_text_encoder,
